@@ -1,0 +1,155 @@
+"""grpo.py on hand-computed numbers."""
+
+import math
+
+import pytest
+import torch
+
+import grpo
+
+
+def test_group_advantages_group_scale_uses_unbiased_std_and_zero_std_groups_get_zero():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = grpo.group_advantages(rewards, group_size=4)
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # group std (N-1) of [1,0,0,1] is sqrt(1/3)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]))
+    assert not torch.isnan(adv).any()
+
+
+def test_group_advantages_batch_and_none_scales():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    centred = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    batch_std = math.sqrt(5.5 / 7)  # mean 1.25, sum of squared deviations 5.5
+    torch.testing.assert_close(grpo.group_advantages(rewards, 4, scale="batch"), centred / (batch_std + 1e-4))
+    torch.testing.assert_close(grpo.group_advantages(rewards, 4, scale="none"), centred)
+
+
+def test_group_advantages_all_equal_batch_is_zero_not_nan():
+    for scale in grpo.SCALES:
+        adv = grpo.group_advantages(torch.ones(6), 3, scale=scale)
+        assert torch.equal(adv, torch.zeros(6))
+
+
+def test_group_advantages_rejects_ragged_groups_and_unknown_scale():
+    with pytest.raises(ValueError, match="groups of 4"):
+        grpo.group_advantages(torch.ones(6), 4)
+    with pytest.raises(ValueError, match="scale"):
+        grpo.group_advantages(torch.ones(4), 2, scale="std")
+
+
+def test_kl_k3_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    # delta = log(0.5): 0.5 - log(0.5) - 1 = 0.193147...; equal log-probs give exactly 0
+    torch.testing.assert_close(grpo.kl_k3(logp, ref), torch.tensor([[0.5 + math.log(2) - 1, 0.0]]))
+    assert (grpo.kl_k3(torch.randn(4, 5), torch.randn(4, 5)) >= 0).all()
+
+
+def _ragged():
+    logp = torch.log(torch.tensor([[0.5, 0.4, 0.3], [0.2, 0.9, 0.9]])).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    return logp, mask, torch.tensor([2.0, -1.0])
+
+
+@pytest.mark.parametrize("loss_type,kwargs,expected", [
+    ("grpo", {}, (-2.0 + 1.0) / 2),                       # per-sequence means -2 and +1, then their mean
+    ("bnpo", {}, (-2 - 2 + 1) / 3),                       # token mean over the micro-batch
+    ("dr_grpo", {"max_completion_length": 4}, (-2 - 2 + 1) / (2 * 4)),
+    ("dapo", {"num_tokens": 6}, (-2 - 2 + 1) / 6),        # normalised by the whole generation batch
+])
+def test_policy_loss_aggregations_on_ragged_mask(loss_type, kwargs, expected):
+    logp, mask, adv = _ragged()
+    loss, stats = grpo.policy_loss(logp, None, None, adv, mask, loss_type=loss_type, **kwargs)
+    assert loss.item() == pytest.approx(expected)
+    assert stats["kl"] == 0.0 and stats["clip_ratio/low_mean"] == 0.0 and stats["clip_ratio/high_mean"] == 0.0
+
+
+def test_on_policy_gradient_is_advantage_over_length_and_masked_tokens_get_none():
+    logp, mask, adv = _ragged()
+    loss, _ = grpo.policy_loss(logp, None, None, adv, mask)
+    loss.backward()
+    # d/dlogp_t of mean_i (1/|m_i|) sum_t -A_i * rho_t, rho == 1: -A_i / (|m_i| * N)
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, -0.5, 0.0], [0.5, 0.0, 0.0]]))
+
+
+def test_clipping_on_both_sides():
+    old = torch.zeros(2, 2)
+    logp = torch.log(torch.tensor([[1.5, 0.5], [0.5, 1.5]])).requires_grad_()  # ratios, since old = 0
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = grpo.policy_loss(logp, old, None, adv, torch.ones(2, 2, dtype=torch.long))
+    # seq 0 (A=+1): rho 1.5 clipped to 1.2 -> -1.2; rho 0.5 not clipped -> -0.5
+    # seq 1 (A=-1): rho 0.5 clipped to 0.8 -> +0.8; rho 1.5 not clipped -> +1.5
+    assert loss.item() == pytest.approx(((-1.2 - 0.5) / 2 + (0.8 + 1.5) / 2) / 2)
+    assert stats["clip_ratio/high_mean"] == pytest.approx(0.25)
+    assert stats["clip_ratio/low_mean"] == pytest.approx(0.25)
+    assert stats["clip_ratio/region_mean"] == pytest.approx(0.5)
+    loss.backward()
+    # clipped tokens get no gradient; the others get -A * rho / (2 tokens * 2 sequences)
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.125], [0.0, 0.375]]))
+
+
+def test_clip_higher_widens_only_the_upper_side():
+    old = torch.zeros(1, 1)
+    logp = torch.log(torch.tensor([[1.25]]))
+    loose, stats = grpo.policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.28)
+    tight, _ = grpo.policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.2)
+    assert loose.item() == pytest.approx(-1.25) and tight.item() == pytest.approx(-1.2)
+    assert stats["clip_ratio/high_mean"] == 0.0
+
+
+def test_kl_term_is_added_with_beta_and_reported():
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.25]]))
+    mask = torch.ones(1, 2)
+    kl0 = 0.5 + math.log(2) - 1
+    loss, stats = grpo.policy_loss(logp, None, ref, torch.tensor([0.0]), mask, beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * kl0 / 2)
+    assert stats["kl"] == pytest.approx(kl0 / 2)
+    loss, stats = grpo.policy_loss(logp, None, ref, torch.tensor([0.0]), mask, beta=0.0)
+    assert loss.item() == 0.0 and stats["kl"] == 0.0
+
+
+def test_policy_loss_asks_for_its_normalisers():
+    logp, mask, adv = _ragged()
+    with pytest.raises(ValueError, match="num_tokens"):
+        grpo.policy_loss(logp, None, None, adv, mask, loss_type="dapo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo.policy_loss(logp, None, None, adv, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="loss_type"):
+        grpo.policy_loss(logp, None, None, adv, mask, loss_type="ppo")
+
+
+def test_completion_mask_includes_first_eos_even_when_pad_is_eos():
+    eos = 0  # Qwen pads with its EOS
+    ids = torch.tensor([[5, 0, 0, 0], [5, 6, 7, 8], [0, 0, 0, 0], [5, 6, 0, 9]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]])
+    assert torch.equal(grpo.completion_mask(ids, eos), expected)
+
+
+def _full_logps(hidden, weight, ids, temperature):
+    logits = hidden @ weight.T / temperature                                        # (N, C, V)
+    return torch.gather(logits.log_softmax(-1), 2, ids.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+def test_chunked_completion_logps_match_full_logits_in_value_and_gradient(chunk_size):
+    torch.manual_seed(0)
+    N, C, H, V = 3, 4, 8, 11
+    hidden = torch.randn(N, C, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    ids = torch.randint(0, V, (N, C))
+    chunked = grpo.completion_logps(hidden, weight, ids, temperature=0.7, chunk_size=chunk_size)
+    full = _full_logps(hidden, weight, ids, 0.7)
+    torch.testing.assert_close(chunked, full)
+    upstream = torch.randn(N, C)
+    g_chunked = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight))
+    g_full = torch.autograd.grad((full * upstream).sum(), (hidden, weight))
+    for a, b in zip(g_chunked, g_full):
+        torch.testing.assert_close(a, b)
+
+
+def test_completion_logps_apply_the_temperature():
+    hidden, weight, ids = torch.randn(1, 2, 4), torch.randn(5, 4), torch.tensor([[1, 2]])
+    hot = grpo.completion_logps(hidden, weight, ids, temperature=2.0)
+    torch.testing.assert_close(hot, _full_logps(hidden, weight, ids, 2.0))
+    assert not torch.allclose(hot, grpo.completion_logps(hidden, weight, ids, temperature=1.0))
