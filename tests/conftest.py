@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen2-VL with an offline word-level tokenizer, saved as a model folder."""
+    return str(tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2vl"), data.synthetic_vocabulary()))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the real command line (minutes on CPU)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")

@@ -1,0 +1,208 @@
+"""data.py: prompts, images, the three dataset sources, batching."""
+
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def test_question_text_and_prompt_are_the_papers():
+    assert data.question_text("Where?", ["left", "right", "up"]) == (
+        "Answer in natural language. Where? Choose between the following options: left, right or up")
+    assert data.question_text("Where?", ["left", "right"]).endswith("options: left or right")
+    ex = data.make_example(Image.new("RGB", (56, 56)), "Where?", ["left", "right"], "left", random.Random(0),
+                           3136, 401408)
+    assert ex["prompt"] == (
+        "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. The user asks a "
+        "question about the image, and the Assistant solves it. The assistant first thinks about the reasoning "
+        "process in the mind and then provides the user with the answer.\nUser: " + ex["question"] +
+        " \nAssistant: Let me solve this step by step.\n<think>")
+
+
+def test_fit_image_respects_the_pixel_budget_and_the_28_pixel_grid():
+    image = data.fit_image(Image.new("RGB", (1000, 700)), 3136, 401408)
+    assert image.width % 28 == 0 and image.height % 28 == 0 and image.width * image.height <= 401408
+    small = data.fit_image(Image.new("L", (20, 20)), 3136, 401408)
+    assert small.mode == "RGB" and small.width * small.height >= 3136
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(answer="up"), "not among the choices"),
+    (dict(choices=["left"]), "at least 2"),
+    (dict(question=""), "question is empty"),
+])
+def test_make_example_rejects_bad_rows(bad, message):
+    row = dict(question="Where?", choices=["left", "right"], answer="left") | bad
+    with pytest.raises(ValueError, match=message):
+        data.make_example(Image.new("RGB", (56, 56)), row["question"], row["choices"], row["answer"],
+                          random.Random(0), 3136, 401408)
+
+
+def test_synthetic_is_deterministic_and_valid_for_every_task():
+    a = data.synthetic_dataset(40, seed=3)
+    b = data.synthetic_dataset(40, seed=3)
+    c = data.synthetic_dataset(40, seed=4)
+    for i in range(40):
+        x, y = a[i], b[i]
+        assert (x["question"], x["answer"], x["choices"]) == (y["question"], y["answer"], y["choices"])
+        assert x["image"].tobytes() == y["image"].tobytes()
+        assert x["answer"] in x["choices"] and 2 <= len(x["choices"]) <= 4
+        assert x["prompt"].startswith(data.VISION_TOKENS) and x["prompt"].endswith("<think>")
+    assert any(a[i]["image"].tobytes() != c[i]["image"].tobytes() for i in range(40))
+    tasks = [data.SYNTHETIC_QUESTIONS[t].split()[0] for t in data.SYNTHETIC_TASKS]
+    assert {a[i]["question"].split(". ")[1].split()[0] for i in range(40)} == set(tasks)
+
+
+@pytest.mark.parametrize("task", data.SYNTHETIC_TASKS)
+def test_synthetic_answers_depend_on_the_image(task):
+    """The same question text must have different answers on different images."""
+    ds = data.synthetic_dataset(400, seed=0, tasks=(task,), image_size=112)
+    answers_by_question = {}
+    for i in range(len(ds)):
+        ex = ds[i]
+        answers_by_question.setdefault((ex["question"], tuple(sorted(ex["choices"]))), set()).add(ex["answer"])
+    assert any(len(answers) > 1 for answers in answers_by_question.values())
+
+
+def test_synthetic_rejects_unknown_tasks():
+    with pytest.raises(ValueError, match="--synthetic_tasks"):
+        data.synthetic_dataset(4, tasks=("colour_of_sky",))
+
+
+def _png_bytes(size=(64, 48), color="red"):
+    import io
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_sat_folder(root, rows):
+    """A local dataset in SAT's hub schema: image_bytes is a list of images."""
+    import datasets
+    features = datasets.Features({"image_bytes": datasets.List(datasets.Image()), "question": datasets.Value("string"),
+                                  "answers": datasets.List(datasets.Value("string")),
+                                  "question_type": datasets.Value("string"),
+                                  "correct_answer": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
+    (root / "data").mkdir(parents=True)
+    ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    return str(root)
+
+
+def sat_rows():
+    return [
+        dict(image_bytes=[{"bytes": _png_bytes()}], question="Is the cup left or right of the plate?",
+             answers=["left", "right"], question_type="other_static", correct_answer="right"),
+        dict(image_bytes=[{"bytes": _png_bytes()}, {"bytes": _png_bytes()}], question="Did the camera move?",
+             answers=["yes", "no"], question_type="ego_movement", correct_answer="yes"),
+        dict(image_bytes=[{"bytes": _png_bytes((2000, 1500), "blue")}], question="How many chairs?",
+             answers=["1", "2", "3"], question_type="count", correct_answer="2"),
+    ]
+
+
+def test_sat_from_a_local_folder_of_the_hub_schema(tmp_path):
+    source = make_sat_folder(tmp_path / "sat", sat_rows())
+    ds = data.load_sat(source, "train", limit=15000, seed=1)
+    assert len(ds) == 2  # the two-image row is dropped
+    first, big = ds[0], ds[1]
+    assert first["answer"] == "right" and sorted(first["choices"]) == ["left", "right"]
+    assert first["question"].startswith("Answer in natural language. Is the cup left or right of the plate?")
+    assert big["image"].width * big["image"].height <= 401408 and big["image"].width % 28 == 0
+    again = data.load_sat(source, "train", limit=15000, seed=1)
+    assert [again[i]["choices"] for i in range(2)] == [ds[i]["choices"] for i in range(2)]
+    assert len(data.load_sat(source, "train", limit=1, seed=1)) == 1  # the first N rows, then single-image only
+
+
+def test_sat_errors_name_the_dataset_and_row(tmp_path):
+    rows = sat_rows()
+    rows[0]["correct_answer"] = "up"
+    source = make_sat_folder(tmp_path / "bad", rows)
+    ds = data.load_sat(source, "train", limit=0)
+    with pytest.raises(ValueError, match=r"row 0: the answer 'up' is not among the choices"):
+        ds[0]
+
+
+def test_sat_missing_columns(tmp_path):
+    import datasets
+    root = tmp_path / "wrong"
+    (root / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"question": ["q"]}).to_parquet(str(root / "data" / "train.parquet"))
+    with pytest.raises(ValueError, match="lacks the SAT columns"):
+        data.load_sat(str(root), "train")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_loads_relative_images(tmp_path):
+    Image.new("RGB", (80, 60), "green").save(tmp_path / "a.png")
+    path = write_jsonl(tmp_path / "task.jsonl", [
+        {"image": "a.png", "question": "What color?", "choices": ["green", "red"], "answer": "green"}])
+    ds = data.load_examples(str(path))
+    assert len(ds) == 1 and ds[0]["answer"] == "green" and ds[0]["image"].size[0] % 28 == 0
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"image": "a.png", "question": "q", "choices": ["x", "y"]}, r"task.jsonl:2: missing field\(s\) \['answer'\]"),
+    ({"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "z"}, "task.jsonl:2: the answer 'z'"),
+    ({"image": "nope.png", "question": "q", "choices": ["x", "y"], "answer": "x"}, "task.jsonl:2: image .* does not exist"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, row, message):
+    Image.new("RGB", (80, 60)).save(tmp_path / "a.png")
+    good = {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
+    path = write_jsonl(tmp_path / "task.jsonl", [good, row])
+    with pytest.raises(ValueError, match=message):
+        data.load_examples(str(path))
+
+
+def test_jsonl_unreadable_image_is_named(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    path = write_jsonl(tmp_path / "task.jsonl", [{"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}])
+    ds = data.load_examples(str(path))
+    with pytest.raises(ValueError, match="task.jsonl:1"):
+        ds[0]
+
+
+def test_missing_dataset_file_and_empty_dataset(tmp_path):
+    with pytest.raises(ValueError, match="--dataset"):
+        data.load_examples(str(tmp_path / "none.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        data.PromptSampler(len(data.load_examples(str(empty))), 8, 0)
+
+
+def test_prompt_sampler_resumes_the_same_order_across_epochs():
+    a = data.PromptSampler(10, 3, seed=5)
+    first = [a.next_batch() for _ in range(4)]
+    b = data.PromptSampler(10, 3, seed=5)
+    b.next_batch()
+    state = b.state_dict()
+    c = data.PromptSampler(10, 3, seed=5)
+    c.load_state_dict(state)
+    assert [c.next_batch() for _ in range(3)] == first[1:]
+    assert sorted(sum(first[:3], [])) == sorted(set(sum(first[:3], [])))  # no repeats within an epoch
+    assert a.epoch == 1  # the 4th batch of 3 from 10 rows starts epoch 1
+
+
+def test_vision_inputs_follow_their_sequences_with_several_prompts(tiny_model_dir):
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    sizes = [(56, 56), (112, 56), (56, 84)]
+    examples = [data.make_example(Image.new("RGB", s, c), "q", ["a", "b"], "a", random.Random(0), 784, 50176)
+                for s, c in zip(sizes, ["red", "green", "blue"])]
+    G = 2
+    enc = data.encode_prompts(processor, examples, G)
+    batch = dict(enc, images_per_seq=torch.ones(len(examples) * G, dtype=torch.long))
+    for start, end in [(0, 2), (1, 4), (2, 6), (5, 6)]:
+        part = data.slice_sequences(batch, start, end)
+        alone = data.encode_prompts(processor, [examples[i // G] for i in range(start, end)], 1)
+        assert torch.equal(part["image_grid_thw"], alone["image_grid_thw"])
+        assert torch.equal(part["pixel_values"], alone["pixel_values"])
+        assert part["input_ids"].shape[0] == end - start
