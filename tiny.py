@@ -49,8 +49,7 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0):
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           initializer_range=float(__import__("os").environ.get("VINIT", 0.02))),
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True)
@@ -65,13 +64,10 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0):
     return folder
 
 
-def warm_up(folder, format_examples, seen_examples, steps=300, batch_size=16, lr=3e-3, seed=0):
-    """Pre-train the freshly built model the way a real base model is pre-trained before RL, without ever
-    showing it a right answer to the task GRPO will train:
-      - half of each batch teaches it to SEE, on a DIFFERENT question (`seen_examples`, correct answers);
-      - the other half teaches the answer FORMAT on the task's own questions (`format_examples`), with
-        `</think> <answer> X </answer><eos>` where X is a UNIFORMLY RANDOM option, never the gold one.
-    So the model looks at images and writes the format, and sits at chance on the task itself."""
+def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
+    """Teach the freshly built model the answer FORMAT by supervised steps on completions
+    `</think> <answer> X </answer><eos>` where X is a UNIFORMLY RANDOM option, never the gold one: the model
+    learns to answer with an option, and nothing about which one is right."""
     import random
 
     import data
@@ -85,13 +81,8 @@ def warm_up(folder, format_examples, seen_examples, steps=300, batch_size=16, lr
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        batch_examples, answers = [], []
-        for i in range(batch_size):
-            source = seen_examples if i % 2 else format_examples
-            ex = source[rng.randrange(len(source))]
-            batch_examples.append(ex)
-            answers.append(ex["answer"] if i % 2 else rng.choice(ex["choices"]))
-        targets = [f"</think> <answer> {a} </answer>" for a in answers]
+        batch_examples = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        targets = [f"</think> <answer> {rng.choice(ex['choices'])} </answer>" for ex in batch_examples]
         enc = data.encode_prompts(processor, batch_examples, 1)
         ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in targets]
         width = max(map(len, ids))
@@ -112,11 +103,8 @@ def warm_up(folder, format_examples, seen_examples, steps=300, batch_size=16, lr
     return loss.item()
 
 
-PERCEPTION_TASKS = ("color",)
-
-
 def build_demo_model(folder, cfg):
-    """The demo's base model: tiny, random, then warmed up (see `warm_up`). Reused if `folder` already holds one (a resumed
+    """The demo's base model: tiny, random, then warmed up (see `warm_up_format`). Reused if `folder` already holds one (a resumed
     demo starts from the same base)."""
     import json
     from pathlib import Path
@@ -127,11 +115,8 @@ def build_demo_model(folder, cfg):
     done = folder / "demo_base.json"
     if not done.is_file():
         build_tiny_model(folder, data.synthetic_vocabulary(), seed=cfg.seed)
-        # Warm-up rows come from a different seed than the training rows; "seeing" is taught on other tasks.
-        size = cfg.synthetic_image_size
-        task_rows = data.synthetic_dataset(256, cfg.seed + 1, tuple(cfg.synthetic_tasks), size)
-        other = tuple(t for t in PERCEPTION_TASKS if t not in cfg.synthetic_tasks) or PERCEPTION_TASKS
-        seen_rows = data.synthetic_dataset(2000, cfg.seed + 2, other, size)
-        loss = warm_up(folder, task_rows, seen_rows, seed=cfg.seed)
+        # Warm-up rows come from a different seed than the training rows.
+        examples = data.synthetic_dataset(256, cfg.seed + 1, tuple(cfg.synthetic_tasks), cfg.synthetic_image_size)
+        loss = warm_up_format(folder, examples, seed=cfg.seed)
         done.write_text(json.dumps({"warmup_final_loss": loss}))
     return str(folder)

@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import eval as evaluation
 import grpo
 import rewards
 
@@ -79,6 +79,10 @@ class Config:
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: language model in 4-bit NF4 (bitsandbytes); vision tower and lm_head stay unquantised"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward: less memory, ~30%% more time"})
     logp_chunk_size: int = field(default=1024, metadata={"help": "completion tokens per vocabulary-projection chunk when computing log-probs"})
+    # evaluation during training
+    eval_steps: int = field(default=0, metadata={"help": "every N steps, greedy accuracy on held-out prompts is logged as eval/accuracy (0 = never)"})
+    eval_limit: int = field(default=64, metadata={"help": "held-out prompts per evaluation"})
+    eval_dataset: str = field(default=None, metadata={"help": "held-out prompts: default SAT's 'val' split, or synthetic rows of another seed; a .jsonl for your own task"})
     # logging and checkpoints
     log_samples_steps: int = field(default=10, metadata={"help": "every N steps write a few prompt/completion/reward samples to samples.jsonl"})
     num_samples: int = field(default=4, metadata={"help": "samples written each time"})
@@ -106,10 +110,10 @@ class Config:
 
 
 # Settings of the offline demo (see README "The demo"); flags given on the command line override them.
-DEMO = dict(dataset="synthetic", synthetic_tasks=["count"], synthetic_image_size=56, dataset_limit=2000,
-            num_generations=8, prompts_per_step=8, micro_batch_size=64, max_steps=120, max_completion_length=8,
-            learning_rate=1e-3, beta=0.0, lora_r=16, lora_alpha=32, train_vision=True, save_steps=0,
-            gradient_checkpointing=False, log_samples_steps=20)
+DEMO = dict(dataset="synthetic", synthetic_tasks=["count"], synthetic_image_size=56, dataset_limit=5000,
+            num_generations=8, prompts_per_step=16, micro_batch_size=128, max_steps=300, max_completion_length=8,
+            learning_rate=1e-3, lr_scheduler="constant", beta=0.0, lora_r=16, lora_alpha=32, train_vision=True,
+            save_steps=100, gradient_checkpointing=False, log_samples_steps=50)
 
 
 def parse_config(argv=None):
@@ -318,6 +322,22 @@ def rollout_metrics(batch, texts, total, parts, errors, cfg):
     return metrics
 
 
+def held_out_examples(cfg):
+    """Eval examples for eval/accuracy: `--eval_dataset`, else the training source's held-out rows."""
+    if cfg.eval_dataset:
+        source, split, seed = cfg.eval_dataset, "val", cfg.seed
+    elif cfg.dataset == "synthetic":
+        source, split, seed = "synthetic", None, cfg.seed + 1_000  # other rows: other seed
+    elif not cfg.dataset.endswith(".jsonl"):
+        source, split, seed = cfg.dataset, "val", cfg.seed
+    else:
+        raise ValueError("--eval_steps with a .jsonl --dataset needs --eval_dataset (a held-out .jsonl)")
+    rows = data.load_examples(source, split, cfg.eval_limit, seed, cfg.min_pixels, cfg.max_pixels,
+                              cfg.synthetic_tasks, cfg.synthetic_image_size)
+    return [{**rows[i], "id": str(i), "task": "held-out", "source": source, "lettered": False,
+             "gold": rows[i]["choices"].index(rows[i]["answer"])} for i in range(min(len(rows), cfg.eval_limit))]
+
+
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
 def rng_state():
@@ -428,6 +448,7 @@ def train(cfg):
                                  cfg.max_pixels, cfg.synthetic_tasks, cfg.synthetic_image_size)
     for i in range(min(len(dataset), 8)):
         dataset[i]
+    held_out = held_out_examples(cfg) if cfg.eval_steps else []
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     model, processor = load_model(cfg, device)
@@ -482,6 +503,9 @@ def train(cfg):
                        **rollout_metrics(batch, texts, total, parts, errors, cfg), **stats,
                        "nonfinite_steps": counters["nonfinite_steps"], "learning_rate": learning_rate,
                        "step_time": time.time() - t0}
+            if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == max_steps):
+                metrics["eval/accuracy"] = evaluation.accuracy_on(model, processor, held_out, cfg.micro_batch_size,
+                                                                  cfg.max_completion_length)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if cfg.log_samples_steps and (step % cfg.log_samples_steps == 0 or step == 1):

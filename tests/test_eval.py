@@ -62,7 +62,7 @@ def cvbench_rows(n=6):
     for i in range(n):
         kind, task, source = tasks[i % 4]
         choices = ["3", "2", "1", "0"] if task == "Count" else ["left", "right"]
-        prompt = f"How many organs are in the image? Select from the following choices.\n" + \
+        prompt = "How many organs are in the image? Select from the following choices.\n" + \
                  "\n".join(f"({l}) {c}" for l, c in zip("ABCD", choices))
         rows.append(dict(idx=i, type=kind, task=task, image={"bytes": _png()}, question="q", choices=choices,
                          answer="(A)", prompt=prompt, filename=f"img/{i}.png", source=source,

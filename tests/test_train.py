@@ -10,7 +10,6 @@ import torch
 
 import data
 import grpo
-import rewards
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +86,7 @@ def test_disable_adapter_gives_the_base_models_logps(rollout, tiny_model_dir):
 
 def test_update_changes_every_lora_weight_and_only_those(rollout):
     cfg, model, processor, batch, texts, examples = rollout
-    group_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
+    [ex for ex in examples for _ in range(cfg.num_generations)]
     batch["advantages"] = torch.tensor([1.0, -1.0] * len(examples))
     with model.disable_adapter():
         batch["ref_logp"] = train.batch_logps(model, batch, cfg)
@@ -165,3 +164,26 @@ def test_end_to_end_command_line_on_the_tiny_model(tmp_path, tiny_model_dir):
     assert json.loads((out / "config.json").read_text())["max_steps"] == 3
     model = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), out / "checkpoint-3")
     assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_in_training_evaluation_logs_eval_accuracy(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    result = run_cli("--model", tiny_model_dir, "--dataset", "synthetic", "--dataset_limit", "32",
+                     "--synthetic_image_size", "56", "--output_dir", str(out), "--max_steps", "2",
+                     "--num_generations", "2", "--prompts_per_step", "2", "--max_completion_length", "4",
+                     "--eval_steps", "1", "--eval_limit", "5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in rows) and len(rows) == 2
+
+
+def test_held_out_rows_differ_from_training_rows(tmp_path):
+    cfg = train.parse_config(["--dataset", "synthetic", "--eval_steps", "1", "--eval_limit", "8",
+                              "--synthetic_image_size", "56"])
+    held_out = train.held_out_examples(cfg)
+    training = data.synthetic_dataset(8, cfg.seed, tuple(cfg.synthetic_tasks), 56)
+    assert len(held_out) == 8
+    assert all(h["image"].tobytes() != training[i]["image"].tobytes() for i, h in enumerate(held_out))
+    with pytest.raises(ValueError, match="--eval_dataset"):
+        train.held_out_examples(train.parse_config(["--dataset", "x.jsonl", "--eval_steps", "1"]))
