@@ -9,7 +9,6 @@ the table. Two parsers: strict (default; the `<answer>` content must name the le
 lenient (the paper's: free text without a tag may match too). Both are reported.
 """
 
-import argparse
 import dataclasses
 import json
 import re
@@ -257,16 +256,9 @@ def evaluate(cfg):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(EvalConfig):
-        kwargs = dict(default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
-        if f.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = f.type if f.default is not None else str
-        parser.add_argument(f"--{f.name}", **kwargs)
+    from train import config_parser
     try:
-        evaluate(EvalConfig(**vars(parser.parse_args(argv))))
+        evaluate(EvalConfig(**vars(config_parser(EvalConfig, __doc__).parse_args(argv))))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 

@@ -58,10 +58,15 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0):
     model.generation_config.eos_token_id = ids["<|endoftext|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(folder)
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+    save_processor(folder, tok, max_pixels=28 * 28 * 64)
+    return folder
+
+
+def save_processor(folder, tok, max_pixels):
+    """A Qwen2-VL processor (image processor with 14-pixel patches merged 2x2) around `tok`, saved into `folder`."""
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
     Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
                      video_processor=Qwen2VLVideoProcessor()).save_pretrained(folder)
-    return folder
 
 
 def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):

@@ -77,6 +77,7 @@ class Config:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps the policy ratio exact across passes)"})
     train_vision: bool = field(default=False, metadata={"help": "also train the whole vision tower (a trainable copy that disable_adapter() swaps back for the reference); frozen otherwise"})
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: language model in 4-bit NF4 (bitsandbytes); vision tower and lm_head stay unquantised"})
+    use_liger: bool = field(default=False, metadata={"help": "compute the loss with Liger's fused linear GRPO loss (chunked, never builds the logits); stats then give only the combined clip ratio"})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute activations in backward: less memory, ~30%% more time"})
     logp_chunk_size: int = field(default=1024, metadata={"help": "completion tokens per vocabulary-projection chunk when computing log-probs"})
     # evaluation during training
@@ -116,10 +117,11 @@ DEMO = dict(dataset="synthetic", synthetic_tasks=["count"], synthetic_image_size
             save_steps=100, gradient_checkpointing=False, log_samples_steps=50)
 
 
-def parse_config(argv=None):
-    """The command line is the Config dataclass: one flag per field, its help from the field."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
+def config_parser(cls, description):
+    """An argparse parser with one flag per field of the dataclass `cls`, its help from the field. Flags not
+    given are left out of the namespace, so the dataclass defaults (or the demo's) apply."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         kwargs = dict(help=f"{f.metadata['help']} (default: {default})", default=argparse.SUPPRESS)
         if f.type is bool:
@@ -132,7 +134,12 @@ def parse_config(argv=None):
         else:
             kwargs["type"] = f.type if f.default is not None else str
         parser.add_argument(f"--{f.name}", **kwargs)
-    given = vars(parser.parse_args(argv))
+    return parser
+
+
+def parse_config(argv=None):
+    """The command line is the Config dataclass; --demo first applies the demo's settings, given flags win."""
+    given = vars(config_parser(Config, __doc__).parse_args(argv))
     return Config(**{**(DEMO if given.get("demo") else {}), **given})
 
 
@@ -225,14 +232,33 @@ def generate_rollouts(model, processor, examples, cfg, device):
     return batch, texts
 
 
-def sequence_logps(model, batch, cfg):
-    """Per-token log-probs of the completions (n, C), projecting only the completion positions to the vocabulary."""
+def completion_hidden(model, batch):
+    """Final hidden states at the positions that predict the completion tokens, and the output projection."""
     base = model.get_base_model()
     hidden = base.model(**data.model_inputs(batch), use_cache=False).last_hidden_state  # (n, P+C, H)
     P, C = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
-    hidden = hidden[:, P - 1:P + C - 1]                                             # (n, C, H) predict c_t
-    return grpo.completion_logps(hidden, base.lm_head.weight, batch["completion_ids"], cfg.temperature,
-                                 cfg.logp_chunk_size)
+    return hidden[:, P - 1:P + C - 1], base.lm_head.weight                         # (n, C, H), (V, H)
+
+
+def sequence_logps(model, batch, cfg):
+    """Per-token log-probs of the completions (n, C), projecting only the completion positions to the vocabulary."""
+    hidden, weight = completion_hidden(model, batch)
+    return grpo.completion_logps(hidden, weight, batch["completion_ids"], cfg.temperature, cfg.logp_chunk_size)
+
+
+def liger_loss(model, mb, cfg, num_tokens):
+    """The same loss through Liger's fused linear GRPO loss: projection, log-softmax and loss chunk by chunk."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss_fn = LigerFusedLinearGRPOLoss(beta=cfg.beta, compiled=False, use_ref_model=cfg.beta != 0.0, chunk_size=1,
+                                       epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+                                       loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                       temperature=cfg.temperature)
+    hidden, weight = completion_hidden(model, mb)
+    loss, metrics = loss_fn(hidden, weight, mb["completion_ids"], mb["completion_mask"], mb["advantages"],
+                            ref_per_token_logps=mb.get("ref_logp"), old_per_token_logps=mb.get("old_logp"),
+                            num_items_in_batch=num_tokens)
+    return loss, {"kl": metrics[0].item() if cfg.beta != 0.0 else 0.0, "clip_ratio/region_mean": metrics[-1].item()}
 
 
 def micro_batches(batch, size):
@@ -273,11 +299,14 @@ def update(model, optimizer, scheduler, batch, cfg):
     for _ in range(cfg.num_iterations):
         loss_is_finite = True
         for _, mb in micro_batches(batch, cfg.micro_batch_size):
-            logp = sequence_logps(model, mb, cfg)                                   # (n, C)
-            loss, stats = grpo.policy_loss(
-                logp, mb.get("old_logp"), mb.get("ref_logp"), mb["advantages"], mb["completion_mask"],
-                beta=cfg.beta, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
-                max_completion_length=cfg.max_completion_length, num_tokens=num_tokens)
+            if cfg.use_liger:
+                loss, stats = liger_loss(model, mb, cfg, num_tokens)
+            else:
+                logp = sequence_logps(model, mb, cfg)                               # (n, C)
+                loss, stats = grpo.policy_loss(
+                    logp, mb.get("old_logp"), mb.get("ref_logp"), mb["advantages"], mb["completion_mask"],
+                    beta=cfg.beta, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                    max_completion_length=cfg.max_completion_length, num_tokens=num_tokens)
             loss = loss if cfg.loss_type == "dapo" else loss / n_micro  # micro-batches add up to the batch loss
             loss_is_finite &= bool(torch.isfinite(loss))
             loss.backward()

@@ -84,8 +84,10 @@ def test_disable_adapter_gives_the_base_models_logps(rollout, tiny_model_dir):
     assert not torch.allclose(adapted[mask], ref[mask], atol=1e-3)
 
 
-def test_update_changes_every_lora_weight_and_only_those(rollout):
+@pytest.mark.parametrize("use_liger", [False, True])
+def test_update_changes_every_lora_weight_and_only_those(rollout, use_liger):
     cfg, model, processor, batch, texts, examples = rollout
+    cfg = train.dataclasses.replace(cfg, use_liger=use_liger)
     [ex for ex in examples for _ in range(cfg.num_generations)]
     batch["advantages"] = torch.tensor([1.0, -1.0] * len(examples))
     with model.disable_adapter():
@@ -187,3 +189,33 @@ def test_held_out_rows_differ_from_training_rows(tmp_path):
     assert all(h["image"].tobytes() != training[i]["image"].tobytes() for i, h in enumerate(held_out))
     with pytest.raises(ValueError, match="--eval_dataset"):
         train.held_out_examples(train.parse_config(["--dataset", "x.jsonl", "--eval_steps", "1"]))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_liger_fused_loss_matches_the_plain_path_in_loss_and_lora_gradients(rollout, loss_type):
+    cfg, model, processor, batch, texts, examples = rollout
+    cfg = train.dataclasses.replace(cfg, loss_type=loss_type, beta=0.04, max_completion_length=6)
+    batch["advantages"] = torch.tensor([1.5, -0.5, 0.3, -1.0, 0.7, -0.2])
+    with model.disable_adapter():
+        batch["ref_logp"] = train.batch_logps(model, batch, cfg)
+    batch["old_logp"] = train.batch_logps(model, batch, cfg) + 0.3 * torch.randn(batch["completion_ids"].shape)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    num_tokens = batch["completion_mask"].sum()
+    results = []
+    for use_liger in (False, True):
+        c = train.dataclasses.replace(cfg, use_liger=use_liger)
+        if use_liger:
+            loss, stats = train.liger_loss(model, batch, c, num_tokens)
+        else:
+            logp = train.sequence_logps(model, batch, c)
+            loss, stats = grpo.policy_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"],
+                                           batch["completion_mask"], beta=c.beta, loss_type=loss_type,
+                                           max_completion_length=6, num_tokens=num_tokens)
+        results.append((loss.detach(), torch.autograd.grad(loss, params), stats))
+    (plain_loss, plain_grads, plain_stats), (liger, liger_grads, liger_stats) = results
+    torch.testing.assert_close(liger, plain_loss, atol=1e-5, rtol=1e-4)
+    for a, b in zip(liger_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    assert liger_stats["kl"] == pytest.approx(plain_stats["kl"], rel=1e-4, abs=1e-7)
+    assert liger_stats["clip_ratio/region_mean"] == pytest.approx(plain_stats["clip_ratio/region_mean"], abs=1e-6)
