@@ -158,13 +158,14 @@ def load_jsonl(path, seed=0, min_pixels=3136, max_pixels=401408):
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
-SYNTHETIC_TASKS = ("leftright", "abovebelow", "count", "bigger", "color")
+SYNTHETIC_TASKS = ("leftright", "abovebelow", "count", "bigger", "color", "background")
 SYNTHETIC_QUESTIONS = {
     "leftright": "Is the {a} to the left or to the right of the {b}?",
     "abovebelow": "Is the {a} above or below the {b}?",
     "count": "How many shapes are in the image?",
     "bigger": "Which is bigger, the {a} or the {b}?",
     "color": "What color is the {shape}?",
+    "background": "What color is the background?",
 }
 
 
@@ -183,7 +184,7 @@ def synthetic_row(rng, task, image_size):
     28 pixels (one visual token) wide, so each shape is whole inside one token's patch."""
     cells = max(2, image_size // PATCH_FACTOR)
     cell = image_size / cells
-    n_shapes = {"count": rng.randint(1, min(4, cells * cells)), "color": 1}.get(task, 2)
+    n_shapes = {"count": rng.randint(1, min(4, cells * cells)), "color": 1, "background": 1}.get(task, 2)
     spots = rng.sample([(x, y) for x in range(cells) for y in range(cells)], n_shapes)
     if task == "leftright":
         while spots[0][0] == spots[1][0]:
@@ -196,13 +197,14 @@ def synthetic_row(rng, task, image_size):
     radii = [cell * 0.38] * n_shapes
     if task == "bigger":
         radii = [cell * 0.45, cell * 0.22] if rng.random() < 0.5 else [cell * 0.22, cell * 0.45]
-    image = Image.new("RGB", (image_size, image_size), "white")
+    background = rng.choice([c for c in sorted(COLORS) if c not in colors]) if task == "background" else None
+    image = Image.new("RGB", (image_size, image_size), COLORS[background] if background else "white")
     draw = ImageDraw.Draw(image)
     for (x, y), color, shape, r in zip(spots, colors, shapes, radii):
         _draw(draw, shape, COLORS[color], (x + 0.5) * cell, (y + 0.5) * cell, r)
     names = [f"{c} {s}" for c, s in zip(colors, shapes)]
-    if task in ("count", "color"):  # the gold option and 1-3 others
-        gold, pool = (str(n_shapes), ["1", "2", "3", "4"]) if task == "count" else (colors[0], sorted(COLORS))
+    if task in ("count", "color", "background"):  # the gold option and 1-3 others
+        gold, pool = (str(n_shapes), ["1", "2", "3", "4"]) if task == "count" else (background or colors[0], sorted(COLORS))
         choices = [gold] + rng.sample([c for c in pool if c != gold], rng.randint(1, 3))
         return image, SYNTHETIC_QUESTIONS[task].format(shape=shapes[0]), choices, gold
     question = SYNTHETIC_QUESTIONS[task].format(a=names[0], b=names[1])

@@ -40,12 +40,13 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0):
     tok = build_tokenizer(texts)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     heads = 4
+    half = hidden // heads // 2  # M-RoPE splits half the head dim into (time, height, width) sections
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
                          max_position_embeddings=2048,
                          rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                              mrope_section=[2, 3, 3]),  # sums to head_dim / 2 = 8
+                                              mrope_section=[half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,

@@ -111,10 +111,10 @@ class Config:
 
 
 # Settings of the offline demo (see README "The demo"); flags given on the command line override them.
-DEMO = dict(dataset="synthetic", synthetic_tasks=["count"], synthetic_image_size=56, dataset_limit=5000,
-            num_generations=8, prompts_per_step=16, micro_batch_size=128, max_steps=300, max_completion_length=8,
-            learning_rate=1e-3, lr_scheduler="constant", beta=0.0, lora_r=16, lora_alpha=32, train_vision=True,
-            save_steps=100, gradient_checkpointing=False, log_samples_steps=50)
+DEMO = dict(dataset="synthetic", synthetic_tasks=["background"], synthetic_image_size=56, dataset_limit=5000,
+            num_generations=8, prompts_per_step=16, micro_batch_size=128, max_steps=200, max_completion_length=8,
+            temperature=0.3, learning_rate=3e-3, lr_scheduler="constant", beta=0.04, lora_r=16, lora_alpha=32,
+            train_vision=True, save_steps=100, gradient_checkpointing=False, log_samples_steps=50)
 
 
 def config_parser(cls, description):

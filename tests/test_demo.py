@@ -31,14 +31,12 @@ def test_demo_runs_in_five_minutes_and_starts_at_chance(demo_run):
     rows, seconds = demo_run
     assert seconds < 300, f"the demo took {seconds:.0f} s"
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
-    # the warm-up answers with a uniformly random number 1-4: chance is 0.25, not the answer
+    # the warm-up answers with a uniformly random colour: chance is 0.25
     assert 0.15 <= accuracy(rows[:10]) <= 0.40
     assert sum(r["rewards/format/mean"] for r in rows[:10]) / 10 > 0.9
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue #2: the demo does not yet reach 0.85; remove this mark when it does")
 def test_demo_accuracy_rises_from_chance_to_085(demo_run):
     rows, _ = demo_run
     assert accuracy(rows[-10:]) >= 0.85, f"last 10 steps: {accuracy(rows[-10:]):.3f}"
