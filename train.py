@@ -182,7 +182,7 @@ def load_model(cfg, device):
                       target_modules=LM_LORA_TARGETS, modules_to_save=["visual"] if cfg.train_vision else None)
     model = get_peft_model(model, lora)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model, processor
 
