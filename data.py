@@ -286,6 +286,15 @@ def encode_prompts(processor, examples, group_size):
     return processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
 
 
+def sequence_batch(enc, completion_ids, completion_mask, vision_start_id):
+    """The batch layout the trainer works on: the processor's prompt tensors (N, P) and vision inputs, the
+    completions (N, C), and how many images each sequence has (for `slice_sequences`)."""
+    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
+            "mm_token_type_ids": enc["mm_token_type_ids"], "pixel_values": enc["pixel_values"],
+            "image_grid_thw": enc["image_grid_thw"], "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "images_per_seq": (enc["input_ids"] == vision_start_id).sum(1)}
+
+
 def slice_sequences(batch, start, end):
     """Rows [start, end) of a batch whose tensors are (N, ...) per sequence, with the vision inputs that belong
     to them: `pixel_values` holds the patches of every image back to back, `image_grid_thw` one row per image,

@@ -78,6 +78,7 @@ def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
 
     import data
     import grpo
+    import train
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder)
@@ -94,13 +95,8 @@ def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
         width = max(map(len, ids))
         completion_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])  # (N, C)
         completion_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])    # (N, C)
-        batch = {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
-                 "mm_token_type_ids": enc["mm_token_type_ids"], "pixel_values": enc["pixel_values"],
-                 "image_grid_thw": enc["image_grid_thw"], "completion_ids": completion_ids,
-                 "completion_mask": completion_mask}
-        hidden = model.model(**data.model_inputs(batch), use_cache=False).last_hidden_state
-        P = enc["input_ids"].shape[1]
-        logp = grpo.completion_logps(hidden[:, P - 1:P + width - 1], model.lm_head.weight, completion_ids)
+        batch = data.sequence_batch(enc, completion_ids, completion_mask, tok.convert_tokens_to_ids("<|vision_start|>"))
+        logp = grpo.completion_logps(*train.completion_hidden(model, batch), completion_ids)  # (N, C)
         loss = -(logp * completion_mask).sum() / completion_mask.sum()
         loss.backward()
         optimizer.step()

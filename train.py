@@ -225,16 +225,13 @@ def generate_rollouts(model, processor, examples, cfg, device):
     completion_ids = out[:, prompt_len:]                                            # (N, C)
     mask = grpo.completion_mask(completion_ids, eos)                                # (N, C)
     texts = processor.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, mask)], skip_special_tokens=True)
-    batch = {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"],
-             "mm_token_type_ids": enc["mm_token_type_ids"], "pixel_values": enc["pixel_values"],
-             "image_grid_thw": enc["image_grid_thw"], "completion_ids": completion_ids, "completion_mask": mask,
-             "images_per_seq": (enc["input_ids"] == vision_ids[2]).sum(1)}
-    return batch, texts
+    return data.sequence_batch(enc, completion_ids, mask, vision_ids[2]), texts
 
 
 def completion_hidden(model, batch):
-    """Final hidden states at the positions that predict the completion tokens, and the output projection."""
-    base = model.get_base_model()
+    """Final hidden states at the positions that predict the completion tokens, and the output projection.
+    `model` is a peft model or a plain Qwen2VLForConditionalGeneration."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.model(**data.model_inputs(batch), use_cache=False).last_hidden_state  # (n, P+C, H)
     P, C = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
     return hidden[:, P - 1:P + C - 1], base.lm_head.weight                         # (n, C, H), (V, H)
@@ -280,12 +277,11 @@ def micro_batches(batch, size):
 def batch_logps(model, batch, cfg):
     """Log-probs (N, C) of the whole batch without gradients, micro-batch by micro-batch."""
     model.eval()
-    C = batch["completion_ids"].shape[1]
-    out = torch.zeros(batch["completion_ids"].shape, device=batch["completion_ids"].device)
+    out = torch.zeros(batch["completion_ids"].shape, device=batch["completion_ids"].device)  # (N, C)
     for start, mb in micro_batches(batch, cfg.micro_batch_size):
-        logp = sequence_logps(model, mb, cfg)
+        logp = sequence_logps(model, mb, cfg)                                       # (n, C') C' <= C trimmed
         out[start:start + logp.shape[0], :logp.shape[1]] = logp
-    return out[:, :C]
+    return out
 
 
 def update(model, optimizer, scheduler, batch, cfg):
@@ -329,13 +325,13 @@ def update(model, optimizer, scheduler, batch, cfg):
     return stats
 
 
-def rollout_metrics(batch, texts, total, parts, errors, cfg):
+def rollout_metrics(batch, texts, total, parts, errors, eos_id, cfg):
     """The reference library's metric names for what was generated and how it scored."""
     G = cfg.num_generations
     rewards_t = torch.tensor(total)                                                 # (N,)
     group_std = rewards_t.view(-1, G).std(1)                                        # (B,)
     lengths = batch["completion_mask"].sum(1).float()                               # (N,)
-    eos_seen = (batch["completion_ids"] == batch["eos_id"]).any(1)
+    eos_seen = (batch["completion_ids"] == eos_id).any(1)
     metrics = {"reward": rewards_t.mean().item(), "reward_std": group_std.mean().item(),
                "frac_reward_zero_std": (group_std < 1e-6).float().mean().item()}
     for name, values in parts.items():
@@ -503,14 +499,12 @@ def train(cfg):
 
     with stop_on_sigint() as stop:
         bar = tqdm(range(start_step + 1, max_steps + 1), initial=start_step, total=max_steps, desc="GRPO", dynamic_ncols=True)
-        step = start_step
         for step in bar:
             t0 = time.time()
             # 1. sample prompts
             examples = [dataset[i] for i in sampler.next_batch()]
             # 2. generate G completions per prompt, one batched call
             batch, texts = generate_rollouts(model, processor, examples, cfg, device)
-            batch["eos_id"] = eos_id
             # 3. score them; advantages within each group
             group_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
             total, parts, errors = rewards.score_completions(texts, group_examples, reward_funcs, weights)
@@ -529,7 +523,7 @@ def train(cfg):
             counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if skipped else 0
             # 5. log, checkpoint
             metrics = {"step": step, "epoch": round(step / max(1, steps_per_epoch), 4),
-                       **rollout_metrics(batch, texts, total, parts, errors, cfg), **stats,
+                       **rollout_metrics(batch, texts, total, parts, errors, eos_id, cfg), **stats,
                        "nonfinite_steps": counters["nonfinite_steps"], "learning_rate": learning_rate,
                        "step_time": time.time() - t0}
             if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == max_steps):
