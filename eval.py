@@ -1,37 +1,44 @@
-"""Evaluate a base model or a LoRA/QLoRA adapter on CV-Bench (or SAT) with the training prompt.
+"""Evaluate a base model or a LoRA/QLoRA adapter on CV-Bench, SAT or your own JSONL task, with
+the training prompt.
 
     python eval.py --model Qwen/Qwen2-VL-2B --adapter runs/sat/checkpoint-500 --benchmark cvbench
-    python eval.py --model Qwen/Qwen2-VL-2B --benchmark cvbench --limit 200        # a quick look
+    python eval.py --model Qwen/Qwen2-VL-2B --benchmark cvbench --limit 200   # a quick look
+    python eval.py --model Qwen/Qwen2-VL-2B --adapter runs/mine/checkpoint-100 --dataset my.jsonl
 
-Greedy decoding, up to 1024 new tokens, batched with left padding. Writes OUTPUT_DIR/predictions.jsonl (one line
-per item, appended as it goes, so a killed run resumes where it stopped) and OUTPUT_DIR/summary.json, and prints
-the table. Two parsers: strict (default; the `<answer>` content must name the letter or the option text) and
-lenient (the paper's: free text without a tag may match too). Both are reported.
+Greedy decoding, up to 1024 new tokens, batched with left padding. Writes OUTPUT_DIR/
+predictions.jsonl (one line per item, appended as it goes: a killed run resumes where it stopped,
+if the model, adapter, data and decoding are the same) and OUTPUT_DIR/summary.json, and prints
+the table. Two parsers: strict (default; the `<answer>` content must name the letter or the
+option text) and lenient (the paper's: free text without a tag may match too). Both reported.
 """
 
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import cli
 import data
+import policy
+from cli import UserError, flag
 
 LETTERS = "ABCDEFGH"
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
 
 
-# --- parsing ---------------------------------------------------------------------------------------------------
+# --- parsing ------------------------------------------------------------------------------------
 
 def _norm(text):
     return re.sub(r"\s+", " ", text).strip().strip(".").strip().lower()
 
 
 def _match(text, choices, lettered):
-    """Index of the option `text` names exactly: a letter `A`, `(A)`, `A.` (lettered options only) or the text."""
+    """Index of the option `text` names exactly: a letter `A`, `(A)`, `A.` (lettered options
+    only) or the option text."""
     text = _norm(text)
     letter = re.fullmatch(r"\(?([a-h])\)?[.:]?", text)
     if lettered and letter and LETTERS.lower().index(letter.group(1)) < len(choices):
@@ -47,9 +54,9 @@ def _match(text, choices, lettered):
 def parse_choice(response, choices, lettered=True, lenient=False):
     """The index of the chosen option, or None if the response names none.
 
-    strict: only the content of the FIRST <answer>...</answer> counts, and it must name exactly one option.
-    lenient (the paper's looser behaviour): without a tag the whole response is read, and a letter in
-    parentheses or an option text found anywhere in it counts (the first one found).
+    strict: only the content of the FIRST <answer>...</answer> counts, and it must name exactly
+    one option. lenient (the paper's looser behaviour): without a tag the whole response is read,
+    and a letter in parentheses or an option text found anywhere in it counts (the first found).
     """
     tagged = re.search(r"<answer>(.*?)</answer>", response, re.DOTALL)
     if tagged:
@@ -71,9 +78,9 @@ def parse_choice(response, choices, lettered=True, lenient=False):
     return min(hits)[1] if hits else None
 
 
-# --- scoring ---------------------------------------------------------------------------------------------------
+# --- scoring ------------------------------------------------------------------------------------
 
-def _accuracy(rows):
+def percent_correct(rows):
     return 100.0 * sum(bool(r["correct"]) for r in rows) / len(rows) if rows else float("nan")
 
 
@@ -85,25 +92,58 @@ def score_cvbench(rows):
     2D, 3D   (acc_ADE20K + acc_COCO) / 2 and acc_Omni3D
     Count, Relation, Depth, Distance: accuracy per task
     """
-    by_source = {s: _accuracy([r for r in rows if r["source"] == s]) for s in ("ADE20K", "COCO", "Omni3D")}
+    by_source = {s: percent_correct([r for r in rows if r["source"] == s])
+                 for s in ("ADE20K", "COCO", "Omni3D")}
     acc_2d = (by_source["ADE20K"] + by_source["COCO"]) / 2
-    scores = {"micro": _accuracy(rows), "official": (acc_2d + by_source["Omni3D"]) / 2, "2D": acc_2d,
-              "3D": by_source["Omni3D"]}
-    scores.update({task: _accuracy([r for r in rows if r["task"] == task]) for task in CVBENCH_TASKS})
+    scores = {"micro": percent_correct(rows), "official": (acc_2d + by_source["Omni3D"]) / 2,
+              "2D": acc_2d, "3D": by_source["Omni3D"]}
+    scores.update({task: percent_correct([r for r in rows if r["task"] == task])
+                   for task in CVBENCH_TASKS})
     return scores
 
 
-# --- benchmarks --------------------------------------------------------------------------------------------------
+# --- items --------------------------------------------------------------------------------------
 
-def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=3136, max_pixels=401408):
-    """CV-Bench items as eval examples. Both hub layouts load: the single test.parquet (before 2025-04-01) and
-    test_2d.parquet + test_3d.parquet (after); `source` is the hub id or a local folder of either layout."""
-    import datasets
+class Items:
+    """A lazy list of eval items (example dicts plus id, task, source, gold, lettered)."""
 
-    ds = datasets.load_dataset(source, data_files={"test": "test*.parquet"}, split="test")
-    missing = [c for c in ("idx", "task", "source", "image", "prompt", "choices", "answer") if c not in ds.column_names]
+    def __init__(self, name, size, make, where):
+        self.name, self.size, self.make, self.where = name, size, make, where
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        try:
+            return self.make(i)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{self.where(i)}: {e}") from e
+
+
+def choice_items(examples, task, source):
+    """Training-style examples (SAT, JSONL, synthetic) as eval items: prompted exactly as in
+    training; options are not lettered."""
+    def make(i):
+        ex = examples[i]
+        return {**ex, "id": str(i), "task": task, "source": source, "lettered": False,
+                "gold": ex["choices"].index(ex["answer"])}
+    return Items(examples.name, len(examples), make, examples.where)
+
+
+def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=data.MIN_PIXELS,
+                 max_pixels=data.MAX_PIXELS):
+    """CV-Bench items. Both hub layouts load: the single test.parquet (before 2025-04-01) and
+    test_2d.parquet + test_3d.parquet (after); `source` is a hub id or a local folder."""
+    ds = data.load_hub_dataset(source, "--dataset", data_files={"test": "test*.parquet"},
+                               split="test")
+    needed = ("idx", "task", "source", "image", "prompt", "choices", "answer")
+    missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{source}: not CV-Bench, it lacks the columns {missing}")
+        raise UserError(f"--dataset {source}: not CV-Bench, it lacks the columns {missing}")
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
 
@@ -111,56 +151,41 @@ def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=3136, max_pi
         row = ds[i]
         letter = row["answer"].strip("() ")
         if letter not in LETTERS[:len(row["choices"])]:
-            raise ValueError(f"the answer {row['answer']!r} names none of the {len(row['choices'])} choices")
-        return {"id": f"{row['type'] if 'type' in row else ''}-{row['idx']}", "task": row["task"],
-                "source": row["source"], "image": data.fit_image(data.decode_image(row["image"]), min_pixels, max_pixels),
-                "prompt": data.PROMPT_TEMPLATE.format(question=row["prompt"]), "choices": list(row["choices"]),
-                "gold": LETTERS.index(letter), "lettered": True}
+            raise ValueError(f"the answer {row['answer']!r} names none of the "
+                             f"{len(row['choices'])} choices")
+        image = data.fit_image(data.decode_image(row["image"]), min_pixels, max_pixels)
+        return {"id": f"{row.get('type', '')}-{row['idx']}", "task": row["task"],
+                "source": row["source"], "image": image,
+                "prompt": data.PROMPT_TEMPLATE.format(question=row["prompt"]),
+                "choices": list(row["choices"]), "gold": LETTERS.index(letter), "lettered": True}
 
-    return data.Examples(f"{source}[test]", len(ds), make)
-
-
-def load_sat_eval(source="array/SAT", split="val", limit=0, seed=0, min_pixels=3136, max_pixels=401408):
-    """SAT's val or test split, prompted exactly as in training; options are not lettered."""
-    sat = data.load_sat(source, split, limit, seed, min_pixels, max_pixels)
-
-    def make(i):
-        ex = sat[i]
-        return {**ex, "id": str(i), "task": split, "source": "SAT", "gold": ex["choices"].index(ex["answer"]),
-                "lettered": False}
-
-    return data.Examples(sat.name, len(sat), make)
+    return Items(f"{source}[test]", len(ds), make, lambda i: f"{source}[test] row {i + 1}")
 
 
-# --- running -------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def respond(model, processor, examples, max_new_tokens):
-    """Greedy responses to a batch of eval examples (one batched, left-padded generate)."""
-    from train import generation_config
-    enc = data.encode_prompts(processor, examples, 1).to(model.device)
-    out = model.generate(**enc, generation_config=generation_config(processor, max_new_tokens, greedy=True))
-    return processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
+# --- running ------------------------------------------------------------------------------------
 
 def judge(example, response):
     """One predictions.jsonl row: the response, both parses and whether each is right."""
     strict = parse_choice(response, example["choices"], example["lettered"])
     lenient = parse_choice(response, example["choices"], example["lettered"], lenient=True)
-    return {"id": example["id"], "task": example["task"], "source": example["source"], "response": response,
-            "choice": strict, "correct": strict == example["gold"], "choice_lenient": lenient,
-            "correct_lenient": lenient == example["gold"], "gold": example["gold"]}
+    return {"id": example["id"], "task": example["task"], "source": example["source"],
+            "response": response, "choice": strict, "correct": strict == example["gold"],
+            "choice_lenient": lenient, "correct_lenient": lenient == example["gold"],
+            "gold": example["gold"]}
 
 
-def accuracy_on(model, processor, examples, batch_size, max_new_tokens):
-    """Strict accuracy on a list of eval examples (used for eval/accuracy during training)."""
-    was_training = model.training
-    model.eval()
-    rows = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        rows += [judge(ex, r) for ex, r in zip(batch, respond(model, processor, batch, max_new_tokens))]
-    model.train(was_training)
+def predict(model, processor, items, batch_size, max_new_tokens):
+    """Judged rows for `items`, one greedy batched generate per `batch_size` items."""
+    gen = policy.generation_config(processor, max_new_tokens=max_new_tokens, greedy=True)
+    for start in range(0, len(items), batch_size):
+        batch = [items[i] for i in range(start, min(start + batch_size, len(items)))]
+        _, texts = policy.generate(model, processor, batch, gen)
+        yield from (judge(example, text) for example, text in zip(batch, texts))
+
+
+def accuracy_on(model, processor, items, batch_size, max_new_tokens):
+    """Strict accuracy, a fraction, on eval items (eval/accuracy during training)."""
+    rows = list(predict(model, processor, items, batch_size, max_new_tokens))
     return sum(r["correct"] for r in rows) / max(1, len(rows))
 
 
@@ -170,10 +195,8 @@ def summarize(rows, benchmark):
                "unparsed_lenient": sum(r["choice_lenient"] is None for r in rows),
                "mean_response_chars": sum(lengths) / max(1, len(lengths))}
     lenient_rows = [{**r, "correct": r["correct_lenient"]} for r in rows]
-    if benchmark == "cvbench":
-        summary["strict"], summary["lenient"] = score_cvbench(rows), score_cvbench(lenient_rows)
-    else:
-        summary["strict"], summary["lenient"] = {"micro": _accuracy(rows)}, {"micro": _accuracy(lenient_rows)}
+    score = score_cvbench if benchmark == "cvbench" else (lambda x: {"micro": percent_correct(x)})
+    summary["strict"], summary["lenient"] = score(rows), score(lenient_rows)
     return summary
 
 
@@ -182,86 +205,135 @@ def format_table(summary):
     lines = [f"{'parser':<9}" + "".join(f"{k:>10}" for k in keys)]
     for parser in ("strict", "lenient"):
         lines.append(f"{parser:<9}" + "".join(f"{summary[parser][k]:>10.2f}" for k in keys))
-    lines.append(f"items {summary['n']}, no parsable <answer>: {summary['unparsed']} (lenient parser: "
-                 f"{summary['unparsed_lenient']} unparsed), mean response length {summary['mean_response_chars']:.0f} chars")
+    lines.append(f"items {summary['n']}, no parsable <answer>: {summary['unparsed']} (lenient: "
+                 f"{summary['unparsed_lenient']}), mean response length "
+                 f"{summary['mean_response_chars']:.0f} chars")
     return "\n".join(lines)
 
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="Qwen/Qwen2-VL-2B", metadata={"help": "hub id or local folder of the base model"})
-    adapter: str = field(default=None, metadata={"help": "a LoRA/QLoRA adapter folder (e.g. RUN_DIR/checkpoint-N); none = the base model"})
-    benchmark: str = field(default="cvbench", metadata={"help": "cvbench | sat"})
-    dataset: str = field(default=None, metadata={"help": "hub id or local folder (default nyu-visionx/CV-Bench or array/SAT)"})
-    split: str = field(default="val", metadata={"help": "SAT split to evaluate: val | test"})
-    output_dir: str = field(default="runs/eval", metadata={"help": "where predictions.jsonl and summary.json go (an existing predictions.jsonl is resumed)"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N items (0 = all)"})
-    batch_size: int = field(default=16, metadata={"help": "prompts per generate call"})
-    max_new_tokens: int = field(default=1024, metadata={"help": "most new tokens per response (the paper: 1024)"})
-    min_pixels: int = field(default=3136, metadata={"help": "image size floor, as in training"})
-    max_pixels: int = field(default=401408, metadata={"help": "image size cap, as in training (the paper had none at evaluation)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "load the base model in 4-bit NF4 (for a QLoRA adapter)"})
-    seed: int = field(default=0, metadata={"help": "seeds SAT's option shuffling"})
+    model: str = flag("Qwen/Qwen2-VL-2B", "hub id or local folder of the base model")
+    adapter: str | None = flag(None, "a LoRA/QLoRA adapter folder (RUN_DIR/checkpoint-N)",
+                               default_help="none, the base model")
+    benchmark: str = flag("cvbench", "what to evaluate on", choices=("cvbench", "sat"))
+    dataset: str | None = flag(None, "hub id or local folder of the benchmark, or a .jsonl "
+                               "task of your own (same schema as training)",
+                               default_help="nyu-visionx/CV-Bench or array/SAT")
+    split: str = flag("val", "SAT split to evaluate: val | test")
+    output_dir: str | None = flag(None, "where predictions.jsonl and summary.json go",
+                                  default_help="runs/eval/<model>[-<adapter>]/<benchmark>")
+    limit: int = flag(0, "evaluate only the first N items (0 = all)")
+    batch_size: int = flag(16, "prompts per generate call")
+    max_new_tokens: int = flag(1024, "most new tokens per response (the paper: 1024)")
+    min_pixels: int = flag(data.MIN_PIXELS, "image size floor, as in training")
+    max_pixels: int = flag(data.MAX_PIXELS, "image size cap, as in training")
+    load_in_4bit: bool = flag(False, "load the base model in 4-bit NF4 (for a QLoRA adapter)")
+    seed: int = flag(0, "seeds the option shuffling of SAT and JSONL rows")
+    overwrite: bool = flag(False, "discard predictions of another model/data in --output_dir")
+
+    def __post_init__(self):
+        if self.dataset and self.dataset.endswith(".jsonl"):
+            self.benchmark = "jsonl"
+        for name in ("batch_size", "max_new_tokens", "min_pixels", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if self.limit < 0:
+            raise UserError("--limit must be 0 (all) or more")
+        if self.output_dir is None:
+            name = Path(self.model.rstrip("/")).name
+            if self.adapter:
+                name += "-" + "-".join(Path(self.adapter).resolve().parts[-2:])
+            task = Path(self.dataset).stem if self.benchmark == "jsonl" else self.benchmark
+            task += f"-{self.split}" if self.benchmark == "sat" else ""
+            self.output_dir = str(Path("runs/eval") / re.sub(r"[^\w.-]+", "_", name) / task)
+
+
+# What produced a predictions.jsonl: a resume must match all of them.
+PROVENANCE = ("model", "adapter", "benchmark", "dataset", "split", "limit", "max_new_tokens",
+              "min_pixels", "max_pixels", "load_in_4bit", "seed")
+
+
+def provenance(cfg):
+    record = {k: getattr(cfg, k) for k in PROVENANCE}
+    if cfg.adapter:
+        record["adapter"] = str(Path(cfg.adapter).resolve())
+    return {**record, "prompt": data.PROMPT_TEMPLATE}
+
+
+def load_items(cfg):
+    """The items to evaluate, every row checked before the model is loaded."""
+    if cfg.benchmark == "cvbench":
+        return load_cvbench(cfg.dataset or "nyu-visionx/CV-Bench", cfg.limit, cfg.min_pixels,
+                            cfg.max_pixels)
+    examples = data.load_examples(cfg.dataset or "array/SAT", cfg.split, cfg.limit, cfg.seed,
+                                  cfg.min_pixels, cfg.max_pixels)
+    data.check_rows(examples)
+    return choice_items(examples, cfg.split if cfg.benchmark == "sat" else "task",
+                        "SAT" if cfg.benchmark == "sat" else Path(cfg.dataset).name)
+
+
+def load_done(out, cfg):
+    """Finished predictions to resume from, if they were made by the same settings."""
+    predictions, record = out / "predictions.jsonl", out / "eval_config.json"
+    if not predictions.is_file() or cfg.overwrite:
+        return {}
+    before = json.loads(record.read_text()) if record.is_file() else {}
+    differ = [k for k, v in provenance(cfg).items() if before.get(k) != v]
+    if differ:
+        raise UserError(f"{predictions} holds predictions of other settings ({', '.join(differ)} "
+                        "differ); give another --output_dir, or --overwrite to discard them")
+    done = {}
+    for line in predictions.read_text().splitlines():  # a line torn by a kill is dropped
+        try:
+            row = json.loads(line)
+            done[row["id"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    return done
 
 
 def load_for_eval(cfg, device):
-    from train import Config, load_base_model
-    model, processor = load_base_model(Config(model=cfg.model, load_in_4bit=cfg.load_in_4bit), device)
+    model, processor = policy.load_base_model(cfg.model, device, cfg.load_in_4bit)
     if cfg.adapter:
         from peft import PeftModel
-        if not (Path(cfg.adapter) / "adapter_config.json").is_file():
-            raise SystemExit(f"--adapter {cfg.adapter}: no adapter_config.json there")
         model = PeftModel.from_pretrained(model, cfg.adapter)
         if not cfg.load_in_4bit:
-            model = model.merge_and_unload()  # exact, and faster generation
+            model = model.merge_and_unload()  # exact in fp32/bf16, and faster generation
     return model.eval(), processor
 
 
 def evaluate(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.benchmark == "cvbench":
-        items = load_cvbench(cfg.dataset or "nyu-visionx/CV-Bench", cfg.limit, cfg.min_pixels, cfg.max_pixels)
-    elif cfg.benchmark == "sat":
-        items = load_sat_eval(cfg.dataset or "array/SAT", cfg.split, cfg.limit, cfg.seed, cfg.min_pixels, cfg.max_pixels)
-    else:
-        raise SystemExit(f"--benchmark must be cvbench or sat, got {cfg.benchmark!r}")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {cfg.adapter}: no adapter_config.json there")
+    out = data.writable_dir(cfg.output_dir, "--output_dir")
+    done = load_done(out, cfg)
+    items = load_items(cfg)
     predictions = out / "predictions.jsonl"
-    done = {}
-    if predictions.is_file():  # resume: keep finished items (a torn last line from a kill is dropped)
-        for line in predictions.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                done[row["id"]] = row
-            except json.JSONDecodeError:
-                pass
-        predictions.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-    (out / "eval_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    model, processor = load_for_eval(cfg, device)
-    todo = [i for i in range(len(items)) if items[i]["id"] not in done] if done else list(range(len(items)))
-    with open(predictions, "a") as f, tqdm(total=len(items), initial=len(items) - len(todo), desc=cfg.benchmark) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = [items[i] for i in todo[start:start + cfg.batch_size]]
-            for example, response in zip(batch, respond(model, processor, batch, cfg.max_new_tokens)):
-                row = judge(example, response)
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+    (out / "eval_config.json").write_text(json.dumps(provenance(cfg), indent=2))
+    todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
+    if todo:
+        model, processor = load_for_eval(cfg, device)
+        subset = Items(items.name, len(todo), lambda j: items[todo[j]], items.where)
+        with open(predictions, "a") as f, tqdm(total=len(items), initial=len(items) - len(todo),
+                                               desc=cfg.benchmark, dynamic_ncols=True) as bar:
+            for row in predict(model, processor, subset, cfg.batch_size, cfg.max_new_tokens):
                 done[row["id"]] = row
                 f.write(json.dumps(row) + "\n")
-            f.flush()
-            bar.update(len(batch))
+                f.flush()
+                bar.update(1)
     summary = summarize(list(done.values()), cfg.benchmark)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table(summary))
+    print(f"predictions and summary in {out}")
     return summary
 
 
 def main(argv=None):
-    from train import config_parser
-    try:
-        evaluate(EvalConfig(**vars(config_parser(EvalConfig, __doc__).parse_args(argv))))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    return evaluate(cli.parse(EvalConfig, argv, __doc__))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

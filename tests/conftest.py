@@ -6,14 +6,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import data  # noqa: E402
-import tiny  # noqa: E402
+import demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Qwen2-VL with an offline word-level tokenizer, saved as a model folder."""
-    return str(tiny.build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2vl"), data.synthetic_vocabulary()))
+    folder = tmp_path_factory.mktemp("tiny-qwen2vl")
+    return str(demo.build_tiny_model(folder, demo.synthetic_vocabulary()))
 
 
 def pytest_configure(config):

@@ -1,10 +1,9 @@
-"""data.py: prompts, images, the three dataset sources, batching."""
+"""data.py: prompts, images, SAT and JSONL rows, every row checked, the prompt order."""
 
 import json
 import random
 
 import pytest
-import torch
 from PIL import Image
 
 import data
@@ -40,37 +39,6 @@ def test_make_example_rejects_bad_rows(bad, message):
     with pytest.raises(ValueError, match=message):
         data.make_example(Image.new("RGB", (56, 56)), row["question"], row["choices"], row["answer"],
                           random.Random(0), 3136, 401408)
-
-
-def test_synthetic_is_deterministic_and_valid_for_every_task():
-    a = data.synthetic_dataset(40, seed=3)
-    b = data.synthetic_dataset(40, seed=3)
-    c = data.synthetic_dataset(40, seed=4)
-    for i in range(40):
-        x, y = a[i], b[i]
-        assert (x["question"], x["answer"], x["choices"]) == (y["question"], y["answer"], y["choices"])
-        assert x["image"].tobytes() == y["image"].tobytes()
-        assert x["answer"] in x["choices"] and 2 <= len(x["choices"]) <= 4
-        assert x["prompt"].startswith(data.VISION_TOKENS) and x["prompt"].endswith("<think>")
-    assert any(a[i]["image"].tobytes() != c[i]["image"].tobytes() for i in range(40))
-    tasks = [data.SYNTHETIC_QUESTIONS[t].split()[0] for t in data.SYNTHETIC_TASKS]
-    assert {a[i]["question"].split(". ")[1].split()[0] for i in range(40)} == set(tasks)
-
-
-@pytest.mark.parametrize("task", data.SYNTHETIC_TASKS)
-def test_synthetic_answers_depend_on_the_image(task):
-    """The same question text must have different answers on different images."""
-    ds = data.synthetic_dataset(400, seed=0, tasks=(task,), image_size=112)
-    answers_by_question = {}
-    for i in range(len(ds)):
-        ex = ds[i]
-        answers_by_question.setdefault((ex["question"], tuple(sorted(ex["choices"]))), set()).add(ex["answer"])
-    assert any(len(answers) > 1 for answers in answers_by_question.values())
-
-
-def test_synthetic_rejects_unknown_tasks():
-    with pytest.raises(ValueError, match="--synthetic_tasks"):
-        data.synthetic_dataset(4, tasks=("colour_of_sky",))
 
 
 def _png_bytes(size=(64, 48), color="red"):
@@ -122,8 +90,10 @@ def test_sat_errors_name_the_dataset_and_row(tmp_path):
     rows[0]["correct_answer"] = "up"
     source = make_sat_folder(tmp_path / "bad", rows)
     ds = data.load_sat(source, "train", limit=0)
-    with pytest.raises(ValueError, match=r"row 0: the answer 'up' is not among the choices"):
+    with pytest.raises(ValueError, match=r"row 1: the answer 'up' is not among the choices"):
         ds[0]
+    with pytest.raises(ValueError, match=r"row 1: the answer 'up' is not among the choices"):
+        data.check_rows(ds)
 
 
 def test_sat_missing_columns(tmp_path):
@@ -158,7 +128,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path, row, message):
     good = {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
     path = write_jsonl(tmp_path / "task.jsonl", [good, row])
     with pytest.raises(ValueError, match=message):
-        data.load_examples(str(path))
+        data.check_rows(data.load_examples(str(path)))
 
 
 def test_jsonl_unreadable_image_is_named(tmp_path):
@@ -167,6 +137,8 @@ def test_jsonl_unreadable_image_is_named(tmp_path):
     ds = data.load_examples(str(path))
     with pytest.raises(ValueError, match="task.jsonl:1"):
         ds[0]
+    with pytest.raises(ValueError, match="task.jsonl:1: the image cannot be read"):
+        data.check_rows(ds)
 
 
 def test_missing_dataset_file_and_empty_dataset(tmp_path):
@@ -174,8 +146,10 @@ def test_missing_dataset_file_and_empty_dataset(tmp_path):
         data.load_examples(str(tmp_path / "none.jsonl"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl: no rows"):
+        data.load_examples(str(empty))
     with pytest.raises(ValueError, match="fewer than one batch"):
-        data.PromptSampler(len(data.load_examples(str(empty))), 8, 0)
+        data.PromptSampler(2, 8, 0)
 
 
 def test_prompt_sampler_resumes_the_same_order_across_epochs():
@@ -189,20 +163,3 @@ def test_prompt_sampler_resumes_the_same_order_across_epochs():
     assert [c.next_batch() for _ in range(3)] == first[1:]
     assert sorted(sum(first[:3], [])) == sorted(set(sum(first[:3], [])))  # no repeats within an epoch
     assert a.epoch == 1  # the 4th batch of 3 from 10 rows starts epoch 1
-
-
-def test_vision_inputs_follow_their_sequences_with_several_prompts(tiny_model_dir):
-    from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    sizes = [(56, 56), (112, 56), (56, 84)]
-    examples = [data.make_example(Image.new("RGB", s, c), "q", ["a", "b"], "a", random.Random(0), 784, 50176)
-                for s, c in zip(sizes, ["red", "green", "blue"])]
-    G = 2
-    enc = data.encode_prompts(processor, examples, G)
-    batch = dict(enc, images_per_seq=torch.ones(len(examples) * G, dtype=torch.long))
-    for start, end in [(0, 2), (1, 4), (2, 6), (5, 6)]:
-        part = data.slice_sequences(batch, start, end)
-        alone = data.encode_prompts(processor, [examples[i // G] for i in range(start, end)], 1)
-        assert torch.equal(part["image_grid_thw"], alone["image_grid_thw"])
-        assert torch.equal(part["pixel_values"], alone["pixel_values"])
-        assert part["input_ids"].shape[0] == end - start

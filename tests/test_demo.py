@@ -1,4 +1,5 @@
-"""The offline demo, run exactly as a new user runs it: `python train.py --demo --output_dir DIR`."""
+"""demo.py: the synthetic set, and the offline demo run exactly as a new user runs it:
+`python train.py --demo --output_dir DIR`."""
 
 import json
 import subprocess
@@ -8,7 +9,41 @@ from pathlib import Path
 
 import pytest
 
+import data
+import demo
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_synthetic_is_deterministic_and_valid_for_every_task():
+    a = demo.synthetic_dataset(40, seed=3)
+    b = demo.synthetic_dataset(40, seed=3)
+    c = demo.synthetic_dataset(40, seed=4)
+    for i in range(40):
+        x, y = a[i], b[i]
+        assert (x["question"], x["answer"], x["choices"]) == (y["question"], y["answer"], y["choices"])
+        assert x["image"].tobytes() == y["image"].tobytes()
+        assert x["answer"] in x["choices"] and 2 <= len(x["choices"]) <= 4
+        assert x["prompt"].startswith(data.VISION_TOKENS) and x["prompt"].endswith("<think>")
+    assert any(a[i]["image"].tobytes() != c[i]["image"].tobytes() for i in range(40))
+    tasks = [demo.SYNTHETIC_QUESTIONS[t].split()[0] for t in demo.SYNTHETIC_TASKS]
+    assert {a[i]["question"].split(". ")[1].split()[0] for i in range(40)} == set(tasks)
+
+
+@pytest.mark.parametrize("task", demo.SYNTHETIC_TASKS)
+def test_synthetic_answers_depend_on_the_image(task):
+    """The same question text must have different answers on different images."""
+    ds = demo.synthetic_dataset(400, seed=0, tasks=(task,), image_size=112)
+    answers_by_question = {}
+    for i in range(len(ds)):
+        ex = ds[i]
+        answers_by_question.setdefault((ex["question"], tuple(sorted(ex["choices"]))), set()).add(ex["answer"])
+    assert any(len(answers) > 1 for answers in answers_by_question.values())
+
+
+def test_synthetic_rejects_unknown_tasks():
+    with pytest.raises(ValueError, match="--synthetic_tasks"):
+        demo.synthetic_dataset(4, tasks=("colour_of_sky",))
 
 
 @pytest.fixture(scope="module")

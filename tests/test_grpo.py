@@ -153,3 +153,44 @@ def test_completion_logps_apply_the_temperature():
     hot = grpo.completion_logps(hidden, weight, ids, temperature=2.0)
     torch.testing.assert_close(hot, _full_logps(hidden, weight, ids, 2.0))
     assert not torch.allclose(hot, grpo.completion_logps(hidden, weight, ids, temperature=1.0))
+
+
+def test_huge_log_prob_gaps_past_eos_give_a_finite_loss_and_gradient():
+    # a position after EOS where the reference's log-prob exceeds the policy's by 99:
+    # exp(99) overflows float32, and inf * 0 would be NaN
+    logp = torch.tensor([[-1.0, -100.0], [-2.0, -0.5]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0], [-2.5, -1.0]])
+    old = torch.tensor([[-1.0, 50.0], [-2.0, -0.5]])  # a ratio of exp(-150) there too
+    mask = torch.tensor([[1, 0], [1, 1]])
+    for loss_type, kwargs in [("grpo", {}), ("bnpo", {}), ("dapo", {"num_tokens": 3}),
+                              ("dr_grpo", {"max_completion_length": 2})]:
+        for old_logp in (None, old):
+            loss, stats = grpo.policy_loss(logp, old_logp, ref, torch.tensor([1.0, -1.0]), mask,
+                                           beta=0.04, loss_type=loss_type, **kwargs)
+            (grad,) = torch.autograd.grad(loss, logp)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), loss_type
+            assert grad[0, 1] == 0.0 and all(map(math.isfinite, stats.values()))
+
+
+@pytest.mark.parametrize("loss_type,kwargs", [
+    ("grpo", {}), ("dr_grpo", {"max_completion_length": 5}), ("dapo", {})])
+@pytest.mark.parametrize("cuts", [[4], [2, 2], [3, 1], [1, 1, 1, 1]])
+def test_micro_batch_losses_add_up_to_the_batch_loss(loss_type, kwargs, cuts):
+    torch.manual_seed(0)
+    logp = torch.randn(4, 5).requires_grad_()
+    old, ref, adv = logp.detach() + 0.1 * torch.randn(4, 5), torch.randn(4, 5), torch.randn(4)
+    mask = grpo.completion_mask(torch.tensor([[1, 0, 2, 2, 2], [1, 1, 1, 1, 1],
+                                              [0, 3, 3, 3, 3], [1, 1, 0, 4, 4]]), 0)
+    totals = dict(num_sequences=4, num_tokens=mask.sum(), **kwargs)
+    whole, _ = grpo.policy_loss(logp, old, ref, adv, mask, beta=0.04, loss_type=loss_type,
+                                **totals)
+    (whole_grad,) = torch.autograd.grad(whole, logp)
+    parts, start = 0.0, 0
+    for n in cuts:
+        part, _ = grpo.policy_loss(logp[start:start + n], old[start:start + n],
+                                   ref[start:start + n], adv[start:start + n],
+                                   mask[start:start + n], beta=0.04, loss_type=loss_type, **totals)
+        parts, start = parts + part, start + n
+    (grad,) = torch.autograd.grad(parts, logp)
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(grad, whole_grad)

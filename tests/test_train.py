@@ -1,4 +1,4 @@
-"""train.py on the tiny model: log-probs, the reference under disable_adapter, micro-batches, the command line."""
+"""train.py: the command line, its presets and errors, end-to-end runs on the tiny model."""
 
 import json
 import subprocess
@@ -6,102 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import data
-import grpo
+import demo
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(model_dir, tmp_path, **overrides):
-    args = ["--model", model_dir, "--dataset", "synthetic", "--dataset_limit", "64", "--synthetic_image_size", "56",
-            "--output_dir", str(tmp_path / "run"), "--num_generations", "2", "--prompts_per_step", "3",
-            "--micro_batch_size", "6", "--max_completion_length", "6", "--lora_r", "4", "--lora_alpha", "8"]
-    for key, value in overrides.items():
-        args += [f"--{key}"] + ([str(value)] if value is not True else [])
-    return train.parse_config(args)
-
-
-@pytest.fixture
-def rollout(tiny_model_dir, tmp_path):
-    torch.manual_seed(0)
-    cfg = tiny_config(tiny_model_dir, tmp_path)
-    model, processor = train.load_model(cfg, torch.device("cpu"))
-    with torch.no_grad():  # a non-zero adapter, so that disabling it matters
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    ds = data.synthetic_dataset(8, seed=1, tasks=("count", "leftright", "bigger"), image_size=56)
-    examples = [ds[0], ds[1], data.synthetic_dataset(1, seed=2, image_size=84)[0]]  # images of two sizes
-    batch, texts = train.generate_rollouts(model, processor, examples, cfg, torch.device("cpu"))
-    return cfg, model, processor, batch, texts, examples
-
-
-def test_generate_returns_prompt_major_groups_and_position_masks(rollout):
-    cfg, model, processor, batch, texts, examples = rollout
-    N = len(examples) * cfg.num_generations
-    assert batch["completion_ids"].shape[0] == N and len(texts) == N
-    assert torch.equal(batch["completion_mask"], grpo.completion_mask(batch["completion_ids"], processor.tokenizer.eos_token_id))
-    vision = train.special_ids(processor)[2]
-    assert not torch.isin(batch["completion_ids"], torch.tensor(vision)).any()  # vision tokens suppressed
-    assert batch["images_per_seq"].tolist() == [1] * N
-
-
-def test_micro_batches_of_several_prompts_give_the_full_batch_logps(rollout):
-    cfg, model, processor, batch, texts, examples = rollout
-    full = train.batch_logps(model, batch, cfg)
-    for size in (1, 2, 4):
-        small = train.batch_logps(model, batch, train.dataclasses.replace(cfg, micro_batch_size=size))
-        mask = batch["completion_mask"].bool()
-        torch.testing.assert_close(small[mask], full[mask], atol=1e-5, rtol=1e-5)
-
-
-def test_logps_equal_the_models_own_logits(rollout):
-    cfg, model, processor, batch, texts, examples = rollout
-    with torch.no_grad():
-        logits = model(**data.model_inputs(batch)).logits                            # (N, P+C, V)
-    P, C = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
-    expected = torch.gather(logits[:, P - 1:P + C - 1].log_softmax(-1), 2, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    mask = batch["completion_mask"].bool()
-    torch.testing.assert_close(train.batch_logps(model, batch, cfg)[mask], expected[mask], atol=1e-5, rtol=1e-5)
-
-
-def test_disable_adapter_gives_the_base_models_logps(rollout, tiny_model_dir):
-    from transformers import Qwen2VLForConditionalGeneration
-    cfg, model, processor, batch, texts, examples = rollout
-    with model.disable_adapter():
-        ref = train.batch_logps(model, batch, cfg)
-    adapted = train.batch_logps(model, batch, cfg)
-    base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    with torch.no_grad():
-        logits = base(**data.model_inputs(batch)).logits
-    P, C = batch["prompt_ids"].shape[1], batch["completion_ids"].shape[1]
-    expected = torch.gather(logits[:, P - 1:P + C - 1].log_softmax(-1), 2, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    mask = batch["completion_mask"].bool()
-    torch.testing.assert_close(ref[mask], expected[mask], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(adapted[mask], ref[mask], atol=1e-3)
-
-
-@pytest.mark.parametrize("use_liger", [False, True])
-def test_update_changes_every_lora_weight_and_only_those(rollout, use_liger):
-    cfg, model, processor, batch, texts, examples = rollout
-    cfg = train.dataclasses.replace(cfg, use_liger=use_liger)
-    [ex for ex in examples for _ in range(cfg.num_generations)]
-    batch["advantages"] = torch.tensor([1.0, -1.0] * len(examples))
-    with model.disable_adapter():
-        batch["ref_logp"] = train.batch_logps(model, batch, cfg)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
-    stats = train.update(model, optimizer, scheduler, batch, train.dataclasses.replace(cfg, micro_batch_size=2))
-    assert stats["nonfinite"] == 0 and stats["grad_norm"] > 0
-    for name, p in model.named_parameters():
-        changed = not torch.equal(before[name], p.detach())
-        assert changed == p.requires_grad, name
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    assert not any("visual" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_help_explains_every_flag():
@@ -112,18 +21,29 @@ def test_help_explains_every_flag():
 
 def test_demo_defaults_yield_to_given_flags():
     cfg = train.parse_config(["--demo", "--max_steps", "3"])
-    assert cfg.dataset == "synthetic" and cfg.max_steps == 3 and cfg.learning_rate == train.DEMO["learning_rate"]
+    assert cfg.dataset == "synthetic" and cfg.max_steps == 3
+    assert cfg.learning_rate == demo.DEMO["learning_rate"]
     assert train.parse_config([]).dataset == "array/SAT"
+    # the preset is plain values: the Config they make is the command line's
+    assert train.Config(**{**demo.DEMO, "max_steps": 3}) == cfg
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--loss_type", "ppo"], "--loss_type"),
     (["--reward_funcs", "format", "--reward_weights", "1", "2"], "--reward_weights"),
     (["--num_generations", "1"], "--num_generations"),
 ])
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ValueError, match=message):
         train.parse_config(argv)
+    with pytest.raises(ValueError, match="--loss_type"):
+        train.Config(loss_type="ppo")
+
+
+def test_bad_flags_on_the_command_line_are_one_line(tmp_path):
+    result = run_cli("--loss_type", "ppo", "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:") and "--loss_type" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def run_cli(*args, timeout=600):
@@ -184,38 +104,8 @@ def test_held_out_rows_differ_from_training_rows(tmp_path):
     cfg = train.parse_config(["--dataset", "synthetic", "--eval_steps", "1", "--eval_limit", "8",
                               "--synthetic_image_size", "56"])
     held_out = train.held_out_examples(cfg)
-    training = data.synthetic_dataset(8, cfg.seed, tuple(cfg.synthetic_tasks), 56)
+    training = demo.synthetic_dataset(8, cfg.seed, tuple(cfg.synthetic_tasks), 56)
     assert len(held_out) == 8
     assert all(h["image"].tobytes() != training[i]["image"].tobytes() for i, h in enumerate(held_out))
     with pytest.raises(ValueError, match="--eval_dataset"):
         train.held_out_examples(train.parse_config(["--dataset", "x.jsonl", "--eval_steps", "1"]))
-
-
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_liger_fused_loss_matches_the_plain_path_in_loss_and_lora_gradients(rollout, loss_type):
-    cfg, model, processor, batch, texts, examples = rollout
-    cfg = train.dataclasses.replace(cfg, loss_type=loss_type, beta=0.04, max_completion_length=6)
-    batch["advantages"] = torch.tensor([1.5, -0.5, 0.3, -1.0, 0.7, -0.2])
-    with model.disable_adapter():
-        batch["ref_logp"] = train.batch_logps(model, batch, cfg)
-    batch["old_logp"] = train.batch_logps(model, batch, cfg) + 0.3 * torch.randn(batch["completion_ids"].shape)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    num_tokens = batch["completion_mask"].sum()
-    results = []
-    for use_liger in (False, True):
-        c = train.dataclasses.replace(cfg, use_liger=use_liger)
-        if use_liger:
-            loss, stats = train.liger_loss(model, batch, c, num_tokens)
-        else:
-            logp = train.sequence_logps(model, batch, c)
-            loss, stats = grpo.policy_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"],
-                                           batch["completion_mask"], beta=c.beta, loss_type=loss_type,
-                                           max_completion_length=6, num_tokens=num_tokens)
-        results.append((loss.detach(), torch.autograd.grad(loss, params), stats))
-    (plain_loss, plain_grads, plain_stats), (liger, liger_grads, liger_stats) = results
-    torch.testing.assert_close(liger, plain_loss, atol=1e-5, rtol=1e-4)
-    for a, b in zip(liger_grads, plain_grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
-    assert liger_stats["kl"] == pytest.approx(plain_stats["kl"], rel=1e-4, abs=1e-7)
-    assert liger_stats["clip_ratio/region_mean"] == pytest.approx(plain_stats["clip_ratio/region_mean"], abs=1e-6)

@@ -1,0 +1,239 @@
+"""The offline demo: a tiny random Qwen2-VL with a tiny word-level tokenizer, a synthetic set of
+coloured shapes, the demo's settings, and the format warm-up.
+
+The tiny model has the real architecture (M-RoPE, the vision tower with its 2x2 patch merger,
+the Qwen special tokens) and is saved as an ordinary model folder, so it goes through exactly the
+loading code a real checkpoint does. Its vocabulary is the words of the prompts and answers it
+will see. `warm_up_format` teaches it the answer FORMAT with uniformly random answers (never the
+gold one), so a freshly built demo model writes `</think> <answer> X </answer>` but sits at
+chance: any rise in accuracy during the demo comes from the GRPO updates.
+"""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                          Qwen2VLVideoProcessor)
+
+import data
+import policy
+from cli import UserError
+
+MODEL = "demo"  # --model demo: build the tiny model into OUTPUT_DIR/demo-base (or reuse it)
+# The demo's settings (README "The demo" says why each); flags given on the command line win.
+DEMO = dict(model=MODEL, dataset="synthetic", synthetic_tasks=["background"],
+            synthetic_image_size=56, dataset_limit=5000, num_generations=8, prompts_per_step=16,
+            micro_batch_size=128, max_steps=200, max_completion_length=8, temperature=0.3,
+            learning_rate=3e-3, lr_scheduler="constant", beta=0.04, lora_r=16, lora_alpha=32,
+            train_vision=True, save_steps=100, gradient_checkpointing=False,
+            log_samples_steps=50)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+# --- synthetic spatial questions ----------------------------------------------------------------
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220),
+          "yellow": (230, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+SYNTHETIC_TASKS = ("leftright", "abovebelow", "count", "bigger", "color", "background")
+SYNTHETIC_QUESTIONS = {
+    "leftright": "Is the {a} to the left or to the right of the {b}?",
+    "abovebelow": "Is the {a} above or below the {b}?",
+    "count": "How many shapes are in the image?",
+    "bigger": "Which is bigger, the {a} or the {b}?",
+    "color": "What color is the {shape}?",
+    "background": "What color is the background?",
+}
+
+
+def _draw(draw, shape, color, cx, cy, r):
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+
+
+def _spots(rng, cells, n, distinct_axis=None):
+    """n distinct grid cells; with `distinct_axis` (0 = x, 1 = y) the first two differ on it."""
+    grid = [(x, y) for x in range(cells) for y in range(cells)]
+    spots = rng.sample(grid, n)
+    while distinct_axis is not None and spots[0][distinct_axis] == spots[1][distinct_axis]:
+        spots = rng.sample(grid, n)
+    return spots
+
+
+def synthetic_row(rng, task, image_size):
+    """One synthetic (image, question, choices, answer). Shapes sit in distinct cells of a grid
+    whose cells are 28 pixels (one visual token) wide, so each shape is whole inside one token."""
+    cells = max(2, image_size // data.PATCH_FACTOR)
+    cell = image_size / cells
+    n_shapes = {"count": rng.randint(1, min(4, cells * cells)), "color": 1,
+                "background": 1}.get(task, 2)
+    spots = _spots(rng, cells, n_shapes, {"leftright": 0, "abovebelow": 1}.get(task))
+    colors = (rng.sample(sorted(COLORS), n_shapes) if n_shapes <= len(COLORS)
+              else [rng.choice(sorted(COLORS))] * n_shapes)
+    shapes = [rng.choice(SHAPES) for _ in range(n_shapes)]
+    radii = [cell * 0.38] * n_shapes
+    if task == "bigger":
+        radii = [cell * 0.45, cell * 0.22] if rng.random() < 0.5 else [cell * 0.22, cell * 0.45]
+    background = (rng.choice([c for c in sorted(COLORS) if c not in colors])
+                  if task == "background" else None)
+    image = Image.new("RGB", (image_size, image_size),
+                      COLORS[background] if background else "white")
+    draw = ImageDraw.Draw(image)
+    for (x, y), color, shape, r in zip(spots, colors, shapes, radii):
+        _draw(draw, shape, COLORS[color], (x + 0.5) * cell, (y + 0.5) * cell, r)
+    names = [f"{c} {s}" for c, s in zip(colors, shapes)]
+    if task in ("count", "color", "background"):  # the gold option and 1-3 others
+        gold, pool = ((str(n_shapes), ["1", "2", "3", "4"]) if task == "count"
+                      else (background or colors[0], sorted(COLORS)))
+        choices = [gold] + rng.sample([c for c in pool if c != gold], rng.randint(1, 3))
+        return image, SYNTHETIC_QUESTIONS[task].format(shape=shapes[0]), choices, gold
+    question = SYNTHETIC_QUESTIONS[task].format(a=names[0], b=names[1])
+    if task == "leftright":
+        left = spots[0][0] < spots[1][0]
+        return image, question, ["left", "right"], "left" if left else "right"
+    if task == "abovebelow":
+        above = spots[0][1] < spots[1][1]
+        return image, question, ["above", "below"], "above" if above else "below"
+    return image, question, names, names[0] if radii[0] > radii[1] else names[1]
+
+
+def synthetic_dataset(size=1000, seed=0, tasks=SYNTHETIC_TASKS, image_size=112):
+    """Coloured shapes and spatial questions, made deterministically from `seed`; tasks cycle
+    row by row."""
+    unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
+    if unknown:
+        raise UserError(f"--synthetic_tasks: unknown task(s) {unknown}; "
+                        f"known: {list(SYNTHETIC_TASKS)}")
+    if size < 1:
+        raise UserError("--dataset_limit: the synthetic set needs a number of rows (>= 1)")
+
+    def read(i):
+        rng = random.Random(seed * 1_000_003 + i)
+        image, question, choices, answer = synthetic_row(rng, tasks[i % len(tasks)], image_size)
+        rng.shuffle(choices)  # the same generator goes on shuffling the options
+        return image, question, choices, answer
+
+    return data.Examples(f"synthetic(seed={seed})", size, read,
+                         lambda i: f"synthetic(seed={seed}) row {i + 1}", seed, 0,
+                         image_size * image_size, shuffle=False)
+
+
+def synthetic_vocabulary():
+    """Every text a synthetic prompt or answer can contain: the demo tokenizer is built from it."""
+    words = list(COLORS) + list(SHAPES) + ["left", "right", "above", "below", "1", "2", "3", "4"]
+    texts = [data.PROMPT_TEMPLATE, data.question_text("x", ["a", "b"])]
+    return texts + list(SYNTHETIC_QUESTIONS.values()) + words + TAGS
+
+
+# --- the tiny model -----------------------------------------------------------------------------
+
+def build_tokenizer(texts):
+    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`."""
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["[UNK]"] + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.add_tokens(TAGS)  # ordinary tokens: they survive decode(skip_special_tokens=True)
+    return tok
+
+
+def qwen2vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_section, vision,
+                   rope_theta=10000.0, vocab_size=None):
+    """A Qwen2-VL config around `tok`'s special tokens (the tiny model's and the benchmark's)."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    eos = ids["<|endoftext|>"]
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=vocab_size or len(tok), hidden_size=hidden,
+                         intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                         rope_parameters=dict(rope_type="default", rope_theta=rope_theta,
+                                              mrope_section=mrope_section),
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
+def save_processor(folder, tok, max_pixels):
+    """A Qwen2-VL processor (14-pixel patches merged 2x2) around `tok`, saved into `folder`."""
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
+    Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok,
+                     video_processor=Qwen2VLVideoProcessor()).save_pretrained(folder)
+
+
+def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0):
+    """Build and save a tiny random Qwen2-VL, its tokenizer and processor into `folder`."""
+    tok = build_tokenizer(texts)
+    half = hidden // 4 // 2  # M-RoPE splits half the head dim into (time, height, width)
+    section = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
+    config = qwen2vl_config(tok, hidden, 2 * hidden, layers, 4, 2, section,
+                            dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2,
+                                 mlp_ratio=2))
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    save_processor(folder, tok, max_pixels=28 * 28 * 64)
+    return folder
+
+
+def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
+    """Teach the freshly built model the answer FORMAT by supervised steps on completions
+    `</think> <answer> X </answer><eos>` where X is a UNIFORMLY RANDOM option, never chosen for
+    being gold: the model learns to answer with an option, and nothing about which is right."""
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
+    tok, tokens = processor.tokenizer, policy.special_tokens(processor)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+        targets = [f"</think> <answer> {rng.choice(ex['choices'])} </answer>" for ex in batch]
+        ids = [tok(t, add_special_tokens=False)["input_ids"] + [tokens.eos] for t in targets]
+        width = max(map(len, ids))
+        completion_ids = torch.tensor([x + [tokens.pad] * (width - len(x)) for x in ids])  # (N, C)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])       # (N, C)
+        rollout = policy.Rollout.from_encoding(policy.encode_prompts(processor, batch, 1),
+                                               completion_ids, mask, tokens.vision_start)
+        logp = policy.token_logps(model, rollout)                                       # (N, C)
+        loss = -(logp * mask).sum() / mask.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return loss.item()
+
+
+def build_demo_model(folder, seed, tasks, image_size):
+    """The demo's base model: tiny, random, then warmed up (see `warm_up_format`). Reused if
+    `folder` already holds one, so a resumed demo starts from the same base."""
+    folder = Path(folder)
+    done = folder / "demo_base.json"
+    if not done.is_file():
+        build_tiny_model(folder, synthetic_vocabulary(), seed=seed)
+        # Warm-up rows come from another seed than the training rows.
+        examples = synthetic_dataset(256, seed + 1, tuple(tasks), image_size)
+        loss = warm_up_format(folder, examples, seed=seed)
+        done.write_text(json.dumps({"warmup_final_loss": loss}))
+    return str(folder)

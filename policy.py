@@ -1,0 +1,285 @@
+"""The model side: loading (LoRA, QLoRA), generation, per-token log-probs, and the `Rollout`.
+
+The `Rollout` holds the tensors of one generation batch and is the one place that knows the
+batch and vision layout: how to cut it into micro-batches (each sequence keeps its images), trim
+padding, and build the model's forward inputs. Shapes: see grpo.py.
+"""
+
+import dataclasses
+import warnings
+from typing import NamedTuple
+
+import torch
+
+import grpo
+from cli import UserError
+
+# LoRA on the language model only (detail 13): a regex over module names, so a vision tower
+# with the same projection names (Qwen2.5-VL's) is never touched.
+LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+class SpecialTokens(NamedTuple):
+    eos: int
+    pad: int
+    vision: tuple  # ids of VISION_TOKENS: never sampled, and <|vision_start|> counts images
+
+    @property
+    def vision_start(self):
+        return self.vision[2]
+
+
+def special_tokens(processor):
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return SpecialTokens(tok.eos_token_id, pad, tuple(tok.convert_tokens_to_ids(VISION_TOKENS)))
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def load_processor(name, flag="--model"):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(name)
+    except OSError as e:
+        raise UserError(f"{flag} {name!r}: cannot load its processor ({e}). Without hub access, "
+                        "give a local folder (HF_HUB_OFFLINE=1 skips the retries), or run "
+                        "the offline demo: python train.py --demo") from e
+
+
+def load_base_model(name, device, load_in_4bit=False, flag="--model"):
+    """The base model (bf16 on GPU, fp32 on CPU; optionally 4-bit NF4) and its processor."""
+    from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
+
+    processor = load_processor(name, flag)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = None
+    if load_in_4bit:  # the vision tower and lm_head stay unquantised, named in full (REFERENCE 5)
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
+    try:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            name, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    except OSError as e:
+        raise UserError(f"{flag} {name!r}: cannot load it ({e})") from e
+    if load_in_4bit and device.type == "cpu":
+        # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPUs on the first no-grad
+        # forward (our generate) and keeps them so; the repacked path then fails in the training
+        # backward. Keep the training layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model, processor
+
+
+def add_lora(model, r, alpha, dropout=0.0, train_vision=False, gradient_checkpointing=True):
+    """A fresh LoRA adapter on the language model; with `train_vision`, a trainable copy of the
+    vision tower that `disable_adapter()` swaps back (detail 5)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LM_LORA_TARGETS,
+                      modules_to_save=["visual"] if train_vision else None)
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        model = get_peft_model(model, lora)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+# --- the batch ----------------------------------------------------------------------------------
+
+def encode_prompts(processor, examples, group_size):
+    """Tokenize B prompts, each repeated G times (prompt-major), left-padded, with their images."""
+    texts = [ex["prompt"] for ex in examples for _ in range(group_size)]
+    images = [ex["image"] for ex in examples for _ in range(group_size)]
+    return processor(text=texts, images=images, padding=True, padding_side="left",
+                     return_tensors="pt")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """The tensors of a generation batch of N sequences, prompt-major."""
+    prompt_ids: torch.Tensor         # (N, P) left-padded
+    prompt_mask: torch.Tensor        # (N, P)
+    mm_token_type_ids: torch.Tensor  # (N, P) 1 at image tokens
+    pixel_values: torch.Tensor       # (patches, D) the patches of every image, back to back
+    image_grid_thw: torch.Tensor     # (images, 3) one row per image
+    images_per_seq: torch.Tensor     # (N,)
+    completion_ids: torch.Tensor     # (N, C)
+    completion_mask: torch.Tensor    # (N, C) up to and including the first EOS
+    advantages: torch.Tensor = None  # (N,)
+    old_logp: torch.Tensor = None    # (N, C) the sampling policy's, when num_iterations > 1
+    ref_logp: torch.Tensor = None    # (N, C) the reference's, when beta != 0
+
+    @classmethod
+    def from_encoding(cls, enc, completion_ids, completion_mask, vision_start_id):
+        return cls(enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"],
+                   enc["pixel_values"], enc["image_grid_thw"],
+                   (enc["input_ids"] == vision_start_id).sum(1), completion_ids, completion_mask)
+
+    def __len__(self):
+        return self.prompt_ids.shape[0]
+
+    def select(self, start, end):
+        """Sequences [start, end) with the vision inputs that belong to them (detail 12)."""
+        first_image = int(self.images_per_seq[:start].sum())
+        last_image = int(self.images_per_seq[:end].sum())
+        patches = self.image_grid_thw.prod(-1)                                 # (images,)
+        first_patch, last_patch = int(patches[:first_image].sum()), int(patches[:last_image].sum())
+        rows = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rows = {k: v[start:end] if v is not None else None for k, v in rows.items()}
+        rows.update(pixel_values=self.pixel_values[first_patch:last_patch],  # (detail 12)
+                    image_grid_thw=self.image_grid_thw[first_image:last_image])
+        return Rollout(**rows)
+
+    def trimmed(self):
+        """The same sequences without the columns that are padding in every row."""
+        first = int(self.prompt_mask.any(0).int().argmax())  # left padding shared by all rows
+        last = int(self.completion_mask.any(0).nonzero().max()) + 1
+
+        def cut(x):
+            return x[:, :last] if x is not None else None
+        return dataclasses.replace(
+            self, prompt_ids=self.prompt_ids[:, first:], prompt_mask=self.prompt_mask[:, first:],
+            mm_token_type_ids=self.mm_token_type_ids[:, first:],
+            completion_ids=cut(self.completion_ids), completion_mask=cut(self.completion_mask),
+            old_logp=cut(self.old_logp), ref_logp=cut(self.ref_logp))
+
+    def micro_batches(self, size):
+        """(start, micro-batch) for consecutive slices of `size` sequences, padding trimmed."""
+        for start in range(0, len(self), size):
+            yield start, self.select(start, min(start + size, len(self))).trimmed()
+
+    def model_inputs(self):
+        """Forward kwargs for prompt + completion. transformers >= 5 needs mm_token_type_ids over
+        the WHOLE sequence (zeros over the completion) to place the M-RoPE positions."""
+        completion_types = torch.zeros_like(self.completion_ids)
+        return {"input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1),       # (N, P+C)
+                "attention_mask": torch.cat([self.prompt_mask, self.completion_mask], 1),
+                "mm_token_type_ids": torch.cat([self.mm_token_type_ids, completion_types], 1),
+                "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+def generation_config(processor, *, max_new_tokens, greedy=False, temperature=1.0, top_k=50,
+                      top_p=1.0):
+    """Every sampling field set here (detail 10): unset ones would come from the checkpoint's
+    generation_config (the released VisualThinker checkpoint has top_k 1, which makes every
+    completion of a group identical). Vision tokens are suppressed: a sampled <|image_pad|>
+    would crash the next forward."""
+    from transformers import GenerationConfig
+
+    tokens = special_tokens(processor)
+    sampling = (dict(do_sample=False) if greedy else
+                dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                     min_p=None, typical_p=1.0))
+    return GenerationConfig(**sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                            eos_token_id=tokens.eos, pad_token_id=tokens.pad,
+                            suppress_tokens=list(tokens.vision), use_cache=True)  # (detail 10)
+
+
+@torch.no_grad()
+def generate(model, processor, examples, gen_config, group_size=1, max_prompt_length=None):
+    """ONE batched generate for the G completions of each of the B prompts (detail 11), used by
+    training and evaluation alike. Returns the Rollout and the completion texts."""
+    tokens = special_tokens(processor)
+    enc = encode_prompts(processor, examples, group_size).to(model.device)
+    P = enc["input_ids"].shape[1]
+    if max_prompt_length and P > max_prompt_length:
+        raise UserError(f"a prompt is {P} tokens, over --max_prompt_length {max_prompt_length}")
+    was_training = model.training
+    model.eval()
+    out = model.generate(**enc, generation_config=gen_config)     # (N, P + C) (detail 11)
+    model.train(was_training)
+    completion_ids = out[:, P:]                                                # (N, C)
+    mask = grpo.completion_mask(completion_ids, tokens.eos)                    # (N, C)
+    texts = processor.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, mask)],
+                                   skip_special_tokens=True)
+    return Rollout.from_encoding(enc, completion_ids, mask, tokens.vision_start), texts
+
+
+# --- log-probs and the loss ---------------------------------------------------------------------
+
+def completion_hidden(model, rollout):
+    """Final hidden states at the positions that predict the completion tokens (n, C, H), and
+    the output projection (V, H). `model` is a peft model or a plain Qwen2-VL."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(**rollout.model_inputs(), use_cache=False).last_hidden_state  # (n, P+C, H)
+    P, C = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    return hidden[:, P - 1:P + C - 1], base.lm_head.weight
+
+
+def token_logps(model, rollout, temperature=1.0, chunk_size=1024):
+    """Per-token log-probs of the completions (n, C), with gradients; only completion positions
+    are projected to the vocabulary (detail 9)."""
+    hidden, weight = completion_hidden(model, rollout)
+    return grpo.completion_logps(hidden, weight, rollout.completion_ids, temperature, chunk_size)
+
+
+@torch.no_grad()
+def rollout_logps(model, rollout, micro_batch_size, temperature=1.0, chunk_size=1024):
+    """Per-token log-probs (N, C) of a whole rollout, without gradients, micro-batch by
+    micro-batch (for the reference and the sampling policy)."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
+    for start, mb in rollout.micro_batches(micro_batch_size):
+        logp = token_logps(model, mb, temperature, chunk_size)                 # (n, C') C' <= C
+        out[start:start + logp.shape[0], :logp.shape[1]] = logp
+    model.train(was_training)
+    return out
+
+
+def liger_loss(model, mb, temperature, num_sequences, num_tokens, beta=0.0, eps_low=0.2,
+               eps_high=0.2, loss_type="grpo", max_completion_length=None):
+    """grpo.policy_loss through Liger's fused linear GRPO loss: projection, log-softmax and loss
+    chunk by chunk. Liger normalises grpo, bnpo and dr_grpo by the micro-batch's sequences; the
+    factor n / N makes them whole-batch normalisers, as in grpo.aggregate."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=beta, compiled=False, use_ref_model=beta != 0.0, chunk_size=1, epsilon_low=eps_low,
+        epsilon_high=eps_high, loss_type=loss_type, max_completion_length=max_completion_length,
+        temperature=temperature)
+    hidden, weight = completion_hidden(model, mb)
+    loss, metrics = loss_fn(hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages,
+                            ref_per_token_logps=mb.ref_logp, old_per_token_logps=mb.old_logp,
+                            num_items_in_batch=num_tokens)
+    if loss_type != "dapo":
+        loss = loss * len(mb) / num_sequences
+    return loss, {"kl": metrics[0].item() if beta != 0.0 else 0.0,
+                  "clip_ratio/region_mean": metrics[-1].item()}
+
+
+def accumulate_gradients(model, rollout, micro_batch_size, temperature=1.0, chunk_size=1024,
+                         use_liger=False, **loss_kwargs):
+    """Forward and backward over the micro-batches of a generation batch. The loss normalisers
+    are the whole batch's (detail 6), so the micro-batches' gradients add up to the batch's
+    however it is cut. `loss_kwargs` go to grpo.policy_loss. Returns (loss, stats): the batch's
+    loss, and the stats as token means over the batch."""
+    model.train()
+    num_sequences, num_tokens = len(rollout), rollout.completion_mask.sum()
+    loss_sum, stats_sum = 0.0, {}
+    for _, mb in rollout.micro_batches(micro_batch_size):
+        if use_liger:
+            loss, stats = liger_loss(model, mb, temperature, num_sequences, num_tokens,
+                                     **loss_kwargs)
+        else:
+            logp = token_logps(model, mb, temperature, chunk_size)            # (n, C)
+            loss, stats = grpo.policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages,
+                                           mb.completion_mask, num_sequences=num_sequences,
+                                           num_tokens=num_tokens, **loss_kwargs)
+        loss.backward()
+        loss_sum += loss.item()
+        share = float(mb.completion_mask.sum() / num_tokens)
+        for key, value in stats.items():
+            stats_sum[key] = stats_sum.get(key, 0.0) + value * share
+    return loss_sum, stats_sum
