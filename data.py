@@ -13,6 +13,8 @@ import io
 import json
 import os
 import random
+import socket
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -168,12 +170,22 @@ def check_rows(examples, desc="checking rows"):
 SAT_COLUMNS = ("image_bytes", "question", "answers", "correct_answer")
 
 
-def _local(source):
-    """True for a path on this machine; a missing one that cannot be a hub id is an error."""
+def check_source(source, flag):
+    """True for a path on this machine; False for a hub id, tried only if the hub answers within
+    seconds (the libraries would retry for minutes). A missing local path is an error."""
+    from huggingface_hub import constants
+
     if Path(source).exists():
         return True
     if source.count("/") != 1 or source.startswith((".", "/", "~")) or Path(source).suffix:
-        raise UserError(f"{source!r} does not exist (nor is it a hub id like 'owner/name')")
+        raise UserError(f"{flag} {source}: does not exist (nor is it a hub id like 'owner/name')")
+    if not constants.HF_HUB_OFFLINE:
+        endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        except OSError as e:
+            raise UserError(f"{flag} {source}: the hub cannot be reached ({e}); pass a local "
+                            "folder, or set HF_HUB_OFFLINE=1 to use the local hub cache") from e
     return False
 
 
@@ -181,7 +193,7 @@ def load_hub_dataset(source, flag, **kwargs):
     """`datasets.load_dataset` on a local folder or a hub id, with one-line errors."""
     import datasets
 
-    local = _local(source)
+    local = check_source(source, flag)
     try:
         return datasets.load_dataset(source, **kwargs)
     except Exception as e:

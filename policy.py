@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+import data
 import grpo
 from cli import UserError
 
@@ -41,6 +42,7 @@ def special_tokens(processor):
 def load_processor(name, flag="--model"):
     from transformers import AutoProcessor
 
+    data.check_source(name, flag)
     try:
         return AutoProcessor.from_pretrained(name)
     except OSError as e:
