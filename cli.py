@@ -1,10 +1,10 @@
 """A dataclass as a command line, and user errors as one line.
 
 Each field of the dataclass is a flag; its metadata holds the help (`help`), and optionally
-`choices`, `nargs` / `const` (for an optional value) and `default_help` (how --help shows the
-default). The element type of a flag comes from the annotation (`int`, `float`, `list[float]`,
-`str | None`...). Presets are named sets of values (the demo's) applied under the flags given,
-so `Config(**presets["demo"])` is exactly what `--demo` gives.
+`choices`, `nargs` / `const` (for an optional value), `min` (checked by `check_ranges`) and
+`default_help` (how --help shows the default). The element type of a flag comes from the
+annotation (`int`, `float`, `list[float]`, `str | None`...). Presets are named sets of values
+(the demo's) applied under the flags given, so `Config(**presets["demo"])` is `--demo`.
 """
 
 import argparse
@@ -24,6 +24,14 @@ def flag(default, help, **metadata):
         return dataclasses.field(default_factory=lambda: list(default),
                                  metadata=dict(help=help, **metadata))
     return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
+
+
+def check_ranges(config):
+    """Each field whose metadata has `min` must not be below it."""
+    for f in dataclasses.fields(config):
+        value, low = getattr(config, f.name), f.metadata.get("min")
+        if low is not None and value < low:
+            raise UserError(f"--{f.name} must be at least {low}, got {value}")
 
 
 def _unwrap(annotation):

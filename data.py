@@ -121,15 +121,12 @@ def verified_size(value):
     return image.size
 
 
-class Examples(torch.utils.data.Dataset):
-    """A lazy list of examples. `read(i)` gives row i's raw (image, question, choices, answer);
-    `where(i)` names it for errors (`file:line`, or `dataset row k`, 1-based). Options are
-    shuffled with a seed per row (detail 14) unless `shuffle` is off."""
+class Rows(torch.utils.data.Dataset):
+    """A lazy list: `make(i)` builds row i when it is used; `where(i)` names it in errors
+    (`file:line`, or `dataset row k`, 1-based)."""
 
-    def __init__(self, name, size, read, where, seed, min_pixels, max_pixels, shuffle=True):
-        self.name, self.size, self.read, self.where = name, size, read, where
-        self.seed, self.min_pixels, self.max_pixels, self.shuffle = (seed, min_pixels, max_pixels,
-                                                                     shuffle)
+    def __init__(self, name, size, make, where):
+        self.name, self.size, self.make, self.where = name, size, make, where
 
     def __len__(self):
         return self.size
@@ -138,12 +135,27 @@ class Examples(torch.utils.data.Dataset):
         if not 0 <= i < self.size:
             raise IndexError(i)
         try:
-            image, question, choices, answer = self.read(i)
-            rng = random.Random(self.seed * 1_000_003 + i) if self.shuffle else None  # (detail 14)
-            return make_example(decode_image(image), question, choices, answer, rng,
-                                self.min_pixels, self.max_pixels)
+            return self.make(i)
+        except UserError:  # already names its row
+            raise
         except Exception as e:
             raise UserError(f"{self.where(i)}: {e}") from e
+
+
+class Examples(Rows):
+    """Example dicts from `read(i)`, row i's raw (image, question, choices, answer). Options are
+    shuffled with a seed per row unless `shuffle` is off."""
+
+    def __init__(self, name, size, read, where, seed, min_pixels, max_pixels, shuffle=True):
+        super().__init__(name, size, self.build, where)
+        self.read, self.seed, self.shuffle = read, seed, shuffle
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    def build(self, i):
+        image, question, choices, answer = self.read(i)
+        rng = random.Random(self.seed * 1_000_003 + i) if self.shuffle else None  # (detail 14)
+        return make_example(decode_image(image), question, choices, answer, rng,
+                            self.min_pixels, self.max_pixels)
 
     def check(self, i):
         """Row i's fields and image, without decoding it; returns (question, visual tokens)."""

@@ -104,26 +104,6 @@ def score_cvbench(rows):
 
 # --- items --------------------------------------------------------------------------------------
 
-class Items:
-    """A lazy list of eval items (example dicts plus id, task, source, gold, lettered)."""
-
-    def __init__(self, name, size, make, where):
-        self.name, self.size, self.make, self.where = name, size, make, where
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.size:
-            raise IndexError(i)
-        try:
-            return self.make(i)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{self.where(i)}: {e}") from e
-
-
 def choice_items(examples, task, source):
     """Training-style examples (SAT, JSONL, synthetic) as eval items: prompted exactly as in
     training; options are not lettered."""
@@ -131,7 +111,7 @@ def choice_items(examples, task, source):
         ex = examples[i]
         return {**ex, "id": str(i), "task": task, "source": source, "lettered": False,
                 "gold": ex["choices"].index(ex["answer"])}
-    return Items(examples.name, len(examples), make, examples.where)
+    return data.Rows(examples.name, len(examples), make, examples.where)
 
 
 def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=data.MIN_PIXELS,
@@ -159,7 +139,7 @@ def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=data.MIN_PIX
                 "prompt": data.PROMPT_TEMPLATE.format(question=row["prompt"]),
                 "choices": list(row["choices"]), "gold": LETTERS.index(letter), "lettered": True}
 
-    return Items(f"{source}[test]", len(ds), make, lambda i: f"{source}[test] row {i + 1}")
+    return data.Rows(f"{source}[test]", len(ds), make, lambda i: f"{source}[test] row {i + 1}")
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -223,11 +203,11 @@ class EvalConfig:
     split: str = flag("val", "SAT split to evaluate: val | test")
     output_dir: str | None = flag(None, "where predictions.jsonl and summary.json go",
                                   default_help="runs/eval/<model>[-<adapter>]/<benchmark>")
-    limit: int = flag(0, "evaluate only the first N items (0 = all)")
-    batch_size: int = flag(16, "prompts per generate call")
-    max_new_tokens: int = flag(1024, "most new tokens per response (the paper: 1024)")
-    min_pixels: int = flag(data.MIN_PIXELS, "image size floor, as in training")
-    max_pixels: int = flag(data.MAX_PIXELS, "image size cap, as in training")
+    limit: int = flag(0, "evaluate only the first N items (0 = all)", min=0)
+    batch_size: int = flag(16, "prompts per generate call", min=1)
+    max_new_tokens: int = flag(1024, "most new tokens per response (paper: 1024)", min=1)
+    min_pixels: int = flag(data.MIN_PIXELS, "image size floor, as in training", min=1)
+    max_pixels: int = flag(data.MAX_PIXELS, "image size cap, as in training", min=1)
     load_in_4bit: bool = flag(False, "load the base model in 4-bit NF4 (for a QLoRA adapter)")
     seed: int = flag(0, "seeds the option shuffling of SAT and JSONL rows")
     overwrite: bool = flag(False, "discard predictions of another model/data in --output_dir")
@@ -235,11 +215,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.dataset and self.dataset.endswith(".jsonl"):
             self.benchmark = "jsonl"
-        for name in ("batch_size", "max_new_tokens", "min_pixels", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1")
-        if self.limit < 0:
-            raise UserError("--limit must be 0 (all) or more")
+        cli.check_ranges(self)
         if self.output_dir is None:
             name = Path(self.model.rstrip("/")).name
             if self.adapter:
@@ -316,7 +292,7 @@ def evaluate(cfg):
     todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
     if todo:
         model, processor = load_for_eval(cfg, device)
-        subset = Items(items.name, len(todo), lambda j: items[todo[j]], items.where)
+        subset = data.Rows(items.name, len(todo), lambda j: items[todo[j]], items.where)
         with open(predictions, "a") as f, tqdm(total=len(items), initial=len(items) - len(todo),
                                                desc=cfg.benchmark, dynamic_ncols=True) as bar:
             for row in predict(model, processor, subset, cfg.batch_size, cfg.max_new_tokens):

@@ -47,63 +47,63 @@ class Config:
                       "'demo' builds the tiny offline one")
     dataset: str = flag("array/SAT", "hub id or folder in SAT's schema, a .jsonl, or 'synthetic'")
     dataset_split: str = flag("train", "split of a hub or folder dataset")
-    dataset_limit: int = flag(15000, "use the first N rows (0 = all); synthetic: rows to make")
+    dataset_limit: int = flag(15000, "first N rows (0 = all); synthetic: rows to make", min=0)
     synthetic_tasks: list[str] = flag(list(demo.SYNTHETIC_TASKS), "synthetic question types")
-    synthetic_image_size: int = flag(112, "side of synthetic images (28 pixels = 1 token)")
-    min_pixels: int = flag(data.MIN_PIXELS, "smaller images are upscaled")
-    max_pixels: int = flag(data.MAX_PIXELS, "larger images are downscaled (512 visual tokens)")
+    synthetic_image_size: int = flag(112, "side of synthetic images (28 pixels = 1 token)", min=1)
+    min_pixels: int = flag(data.MIN_PIXELS, "smaller images are upscaled", min=1)
+    max_pixels: int = flag(data.MAX_PIXELS, "larger images are downscaled (512 tokens)", min=1)
     output_dir: str = flag("runs/r1zero", "metrics, samples, config and checkpoints go here")
     overwrite: bool = flag(False, "start afresh in an --output_dir that holds a run")
     seed: int = flag(42, "seeds data order, option shuffling, sampling and LoRA init")
     # GRPO
-    num_generations: int = flag(8, "G, completions per prompt")
-    prompts_per_step: int = flag(8, "B, prompts per step (N = B*G completions)")
-    micro_batch_size: int = flag(8, "sequences per forward/backward; does not change the math")
-    max_steps: int = flag(0, "steps to train; 0 = num_train_epochs over the dataset")
+    num_generations: int = flag(8, "G, completions per prompt (2+ to compare)", min=2)
+    prompts_per_step: int = flag(8, "B, prompts per step (N = B*G completions)", min=1)
+    micro_batch_size: int = flag(8, "sequences per forward/backward (same math)", min=1)
+    max_steps: int = flag(0, "steps to train; 0 = num_train_epochs over the dataset", min=0)
     num_train_epochs: float = flag(2.0, "epochs over the dataset when max_steps is 0")
-    num_iterations: int = flag(1, "mu, optimizer updates per generation batch")
-    beta: float = flag(0.04, "KL coefficient (k3, to the adapter-disabled model); 0 = no KL")
-    epsilon_low: float = flag(0.2, "lower clip range of the ratio")
-    epsilon_high: float = flag(0.2, "upper clip range (DAPO's clip-higher: 0.28)")
+    num_iterations: int = flag(1, "mu, optimizer updates per generation batch", min=1)
+    beta: float = flag(0.04, "KL coefficient (k3, to the adapter-disabled model); 0 = no KL", min=0)
+    epsilon_low: float = flag(0.2, "lower clip range of the ratio", min=0)
+    epsilon_high: float = flag(0.2, "upper clip range (DAPO's clip-higher: 0.28)", min=0)
     loss_type: str = flag("grpo", "token aggregation (detail 6)", choices=grpo.LOSS_TYPES)
     scale_rewards: str = flag("group", "advantage std (detail 1)", choices=grpo.SCALES)
     reward_funcs: list[str] = flag(["format", "accuracy"], "rewards by name or file.py:function")
     reward_weights: list[float] | None = flag(None, "one weight per reward",
                                               default_help="all 1.0")
     # sampling
-    max_prompt_length: int = flag(1024, "longest prompt in tokens, image tokens included")
-    max_completion_length: int = flag(700, "most new tokens per completion")
+    max_prompt_length: int = flag(1024, "longest prompt in tokens, image tokens included", min=1)
+    max_completion_length: int = flag(700, "most new tokens per completion", min=1)
     temperature: float = flag(1.0, "sampling temperature; log-probs use it too (detail 8)")
-    top_k: int = flag(50, "top-k sampling (0 = off)")
+    top_k: int = flag(50, "top-k sampling (0 = off)", min=0)
     top_p: float = flag(1.0, "nucleus sampling (1.0 = off)")
     # optimisation
     learning_rate: float = flag(1e-5, "AdamW peak learning rate (paper: 1e-6, full fine-tune)")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
+    weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
     lr_scheduler: str = flag("linear", "after warmup: linear decay to 0 (the paper) or constant",
                              choices=("linear", "constant"))
     warmup_ratio: float = flag(0.0, "fraction of updates with linear warmup from 0")
-    max_grad_norm: float = flag(1.0, "gradient clipping")
-    lora_r: int = flag(64, "LoRA rank")
+    max_grad_norm: float = flag(1.0, "gradient clipping", min=0)
+    lora_r: int = flag(64, "LoRA rank", min=1)
     lora_alpha: int = flag(128, "LoRA alpha")
-    lora_dropout: float = flag(0.0, "LoRA dropout (0 keeps the ratio exact across passes)")
+    lora_dropout: float = flag(0.0, "LoRA dropout (0 keeps the ratio exact across passes)", min=0)
     train_vision: bool = flag(False, "also train the vision tower (frozen otherwise)")
     load_in_4bit: bool = flag(False, "QLoRA: the language model in 4-bit NF4")
     use_liger: bool = flag(False, "loss through Liger's fused linear GRPO loss")
     gradient_checkpointing: bool = flag(True, "recompute activations: less memory, more time")
-    logp_chunk_size: int = flag(1024, "completion tokens per vocabulary-projection chunk")
+    logp_chunk_size: int = flag(1024, "completion tokens per vocabulary-projection chunk", min=1)
     # evaluation during training
-    eval_steps: int = flag(0, "every N steps log eval/accuracy on held-out prompts (0 = never)")
-    eval_limit: int = flag(64, "held-out prompts per evaluation")
+    eval_steps: int = flag(0, "every N steps log eval/accuracy (0 = never)", min=0)
+    eval_limit: int = flag(64, "held-out prompts per evaluation", min=1)
     eval_dataset: str | None = flag(None, "held-out prompts: a .jsonl, hub id or folder",
                                     default_help="SAT's val split, or other synthetic rows")
     # logging and checkpoints
-    log_samples_steps: int = flag(10, "every N steps write samples to samples.jsonl (0 = never)")
-    num_samples: int = flag(4, "samples written each time")
-    save_steps: int = flag(100, "checkpoint every N steps (0 = only at the end)")
-    save_total_limit: int = flag(3, "keep the newest K checkpoints (0 = all)")
+    log_samples_steps: int = flag(10, "every N steps write samples.jsonl (0 = never)", min=0)
+    num_samples: int = flag(4, "samples written each time", min=1)
+    save_steps: int = flag(100, "checkpoint every N steps (0 = only at the end)", min=0)
+    save_total_limit: int = flag(3, "keep the newest K checkpoints (0 = all)", min=0)
     resume: str | None = flag(None, "continue from the newest checkpoint in output_dir, or PATH",
                               nargs="?", const="latest", default_help="no")
-    max_nonfinite_steps: int = flag(5, "stop after N consecutive non-finite steps")
+    max_nonfinite_steps: int = flag(5, "stop after N consecutive non-finite steps", min=1)
 
     def __post_init__(self):
         for name, choices in (("loss_type", grpo.LOSS_TYPES), ("scale_rewards", grpo.SCALES),
@@ -111,20 +111,7 @@ class Config:
             if getattr(self, name) not in choices:
                 raise UserError(f"--{name} must be one of {list(choices)}, "
                                 f"got {getattr(self, name)!r}")
-        for name in ("prompts_per_step", "micro_batch_size", "num_iterations", "lora_r",
-                     "max_prompt_length", "max_completion_length", "logp_chunk_size",
-                     "eval_limit", "num_samples", "max_nonfinite_steps", "synthetic_image_size",
-                     "min_pixels", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "dataset_limit", "eval_steps", "save_steps", "top_k",
-                     "save_total_limit", "log_samples_steps", "beta", "weight_decay",
-                     "max_grad_norm", "lora_dropout", "epsilon_low", "epsilon_high"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}")
-        if self.num_generations < 2:
-            raise UserError("--num_generations must be at least 2: advantages compare the "
-                            "completions of a prompt")
+        cli.check_ranges(self)
         if not self.temperature > 0:
             raise UserError("--temperature must be above 0 (GRPO samples; the log-probs "
                             "divide by it)")

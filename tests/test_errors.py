@@ -58,7 +58,7 @@ def one_error_line(stderr):
 CASES = {
     "weights count": (["--reward_weights", "1"], "--reward_weights has 1 values for 2"),
     "one generation": (["--num_generations", "1"], "--num_generations"),
-    "negative steps": (["--max_steps", "-5"], "--max_steps must not be negative"),
+    "negative steps": (["--max_steps", "-5"], "--max_steps must be at least 0"),
     "zero temperature": (["--temperature", "0"], "--temperature must be above 0"),
     "unknown reward": (["--reward_funcs", "format", "acuracy"], "unknown reward 'acuracy'"),
     "reward file missing": (["--reward_funcs", "nope.py:f"], "file 'nope.py' does not exist"),
