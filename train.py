@@ -359,6 +359,17 @@ def find_checkpoint(out, resume):
     raise UserError(f"--resume: no complete checkpoint in {out} (start afresh with --overwrite)")
 
 
+def restore(path, state, model, optimizer, scheduler, sampler):
+    """Load a checkpoint's adapter and trainer state; returns its step."""
+    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    tqdm.write(f"resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
 def check_resumable(saved, cfg, path):
     """A resume must keep every setting the saved state depends on."""
     current = dataclasses.asdict(cfg)
@@ -494,18 +505,12 @@ def train(cfg):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda index: lr_factor(index, warmup, total_updates, cfg.lr_scheduler))
 
-    start_step, saved, counters = 0, None, {"nonfinite_steps": 0, "consecutive_nonfinite": 0,
-                               "skipped_rows": 0}
+    start_step, saved = 0, None
+    counters = {"nonfinite_steps": 0, "consecutive_nonfinite": 0, "skipped_rows": 0}
     if checkpoint:
-        path, state, _ = checkpoint
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        start_step, counters = state["step"], {**counters, **state["counters"]}
-        saved = path
-        tqdm.write(f"resumed from {path} at step {start_step}")
+        saved, state, _ = checkpoint
+        start_step = restore(saved, state, model, optimizer, scheduler, sampler)
+        counters.update(state["counters"])
     for name in ("metrics.jsonl", "samples.jsonl"):
         truncate_jsonl(out / name, start_step)
 
