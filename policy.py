@@ -10,6 +10,7 @@ import warnings
 from typing import NamedTuple
 
 import torch
+from transformers import BatchFeature
 
 import data
 import grpo
@@ -97,11 +98,22 @@ def add_lora(model, r, alpha, dropout=0.0, train_vision=False, gradient_checkpoi
 # --- the batch ----------------------------------------------------------------------------------
 
 def encode_prompts(processor, examples, group_size):
-    """Tokenize B prompts, each repeated G times (prompt-major), left-padded, with their images."""
-    texts = [ex["prompt"] for ex in examples for _ in range(group_size)]
-    images = [ex["image"] for ex in examples for _ in range(group_size)]
-    return processor(text=texts, images=images, padding=True, padding_side="left",
-                     return_tensors="pt")
+    """Tokenize B prompts with their images, left-padded, each repeated G times (prompt-major).
+    The processor sees each image once; its tensors are repeated, which is what it would give
+    for the repeated lists, G times cheaper."""
+    enc = processor(text=[ex["prompt"] for ex in examples], images=[ex["image"] for ex in examples],
+                    padding=True, padding_side="left", return_tensors="pt")
+    if group_size == 1:
+        return enc
+    vision_start = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS[2])
+    images = (enc["input_ids"] == vision_start).sum(1).tolist()               # (B,)
+    grids = torch.split(enc["image_grid_thw"], images)                         # B x (images, 3)
+    patches = torch.split(enc["pixel_values"], [int(g.prod(-1).sum()) for g in grids])
+    out = {k: v.repeat_interleave(group_size, dim=0) for k, v in enc.items()
+           if k not in ("pixel_values", "image_grid_thw")}                     # (N, P)
+    out["pixel_values"] = torch.cat([p for p in patches for _ in range(group_size)])
+    out["image_grid_thw"] = torch.cat([g for g in grids for _ in range(group_size)])
+    return BatchFeature(out)
 
 
 @dataclasses.dataclass

@@ -17,5 +17,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs of the real command line (minutes on CPU)")
+    config.addinivalue_line(
+        "markers", "slow: end-to-end runs of the real command line (minutes on CPU)"
+    )
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")

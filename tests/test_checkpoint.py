@@ -15,16 +15,57 @@ import train
 from cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPARED = ("reward", "reward_std", "loss", "kl", "grad_norm", "learning_rate", "completions/mean_length",
-            "rewards/length/mean", "rewards/format/mean", "clip_ratio/low_mean", "clip_ratio/high_mean")
+COMPARED = (
+    "reward",
+    "reward_std",
+    "loss",
+    "kl",
+    "grad_norm",
+    "learning_rate",
+    "completions/mean_length",
+    "rewards/length/mean",
+    "rewards/format/mean",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+)
 
 
 def run_args(model_dir, out, reward_file, **extra):
-    args = ["--model", model_dir, "--dataset", "synthetic", "--dataset_limit", "64", "--synthetic_image_size", "56",
-            "--output_dir", str(out), "--num_generations", "4", "--prompts_per_step", "2", "--micro_batch_size", "4",
-            "--max_completion_length", "6", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
-            "--beta", "0.04", "--num_iterations", "2", "--reward_funcs", "format", f"{reward_file}:length",
-            "--log_samples_steps", "1"]
+    args = [
+        "--model",
+        model_dir,
+        "--dataset",
+        "synthetic",
+        "--dataset_limit",
+        "64",
+        "--synthetic_image_size",
+        "56",
+        "--output_dir",
+        str(out),
+        "--num_generations",
+        "4",
+        "--prompts_per_step",
+        "2",
+        "--micro_batch_size",
+        "4",
+        "--max_completion_length",
+        "6",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--learning_rate",
+        "1e-2",
+        "--beta",
+        "0.04",
+        "--num_iterations",
+        "2",
+        "--reward_funcs",
+        "format",
+        f"{reward_file}:length",
+        "--log_samples_steps",
+        "1",
+    ]
     for key, value in extra.items():
         args += [f"--{key}"] + ([] if value is True else [str(value)])
     return args
@@ -32,14 +73,21 @@ def run_args(model_dir, out, reward_file, **extra):
 
 @pytest.fixture
 def reward_file(tmp_path):
-    path = tmp_path / "my_rewards.py"  # a random model never earns format or accuracy: give it a signal
+    path = (
+        tmp_path / "my_rewards.py"
+    )  # a random model never earns format or accuracy: give it a signal
     path.write_text("def length(completion, example):\n    return len(completion) / 10\n")
     return path
 
 
 def start(args):
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def metrics(out):
@@ -78,8 +126,12 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir, reward
 
 
 def test_interrupted_checkpoint_writes_are_ignored(tmp_path):
-    for name, complete in [("checkpoint-2", True), ("checkpoint-4", False), (".tmp-checkpoint-6", True),
-                           ("checkpoint-10", True)]:
+    for name, complete in [
+        ("checkpoint-2", True),
+        ("checkpoint-4", False),
+        (".tmp-checkpoint-6", True),
+        ("checkpoint-10", True),
+    ]:
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.pt").write_bytes(b"x")
@@ -87,8 +139,20 @@ def test_interrupted_checkpoint_writes_are_ignored(tmp_path):
 
 
 def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
-    cfg = train.parse_config(["--model", tiny_model_dir, "--output_dir", str(tmp_path), "--save_total_limit", "2",
-                              "--lora_r", "2", "--lora_alpha", "4"])
+    cfg = train.parse_config(
+        [
+            "--model",
+            tiny_model_dir,
+            "--output_dir",
+            str(tmp_path),
+            "--save_total_limit",
+            "2",
+            "--lora_r",
+            "2",
+            "--lora_alpha",
+            "4",
+        ]
+    )
     model, _ = train.load_model(cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
@@ -101,8 +165,19 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
-    cfg = train.parse_config(["--model", tiny_model_dir, "--dataset", "synthetic", "--dataset_limit", "16",
-                              "--output_dir", str(tmp_path), "--resume"])
+    cfg = train.parse_config(
+        [
+            "--model",
+            tiny_model_dir,
+            "--dataset",
+            "synthetic",
+            "--dataset_limit",
+            "16",
+            "--output_dir",
+            str(tmp_path),
+            "--resume",
+        ]
+    )
     with pytest.raises(UserError, match="no complete checkpoint"):
         train.train(cfg)
 
@@ -112,7 +187,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_fi
     out = tmp_path / "run"
     args = run_args(tiny_model_dir, out, reward_file, max_steps=50, save_steps=0)
     p = start(args)
-    wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1, p)
+    wait_for(
+        lambda: (out / "metrics.jsonl").is_file()
+        and (out / "metrics.jsonl").read_text().count("\n") >= 1,
+        p,
+    )
     p.send_signal(signal.SIGINT)
     assert p.wait(300) == 130  # scripts can tell an interrupted run from a finished one
     out_text = "".join(p.communicate())
@@ -120,7 +199,10 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_fi
     (checkpoint,) = train.list_checkpoints(out)
     stopped_at = int(checkpoint.name.split("-")[1])
     assert stopped_at < 50 and [m["step"] for m in metrics(out)] == list(range(1, stopped_at + 1))
-    p = start(run_args(tiny_model_dir, out, reward_file, max_steps=stopped_at + 2, save_steps=0) + ["--resume"])
+    p = start(
+        run_args(tiny_model_dir, out, reward_file, max_steps=stopped_at + 2, save_steps=0)
+        + ["--resume"]
+    )
     assert p.wait(300) == 0, p.communicate()[1][-3000:]
     assert [m["step"] for m in metrics(out)] == list(range(1, stopped_at + 3))
 
@@ -129,7 +211,9 @@ def _tiny_train_config(model_dir, out, reward_file, **extra):
     return train.parse_config(run_args(model_dir, out, reward_file, **extra))
 
 
-def test_a_non_finite_loss_is_skipped_and_counted(tmp_path, tiny_model_dir, reward_file, monkeypatch):
+def test_a_non_finite_loss_is_skipped_and_counted(
+    tmp_path, tiny_model_dir, reward_file, monkeypatch
+):
     real_loss, calls = grpo.policy_loss, {"n": 0}
 
     def nan_on_second_step(*args, **kwargs):
@@ -142,14 +226,23 @@ def test_a_non_finite_loss_is_skipped_and_counted(tmp_path, tiny_model_dir, rewa
     out = tmp_path / "run"
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3, save_steps=0))
     rows = metrics(out)
-    assert [m["nonfinite_steps"] for m in rows] == [0, 2, 2]  # both updates of step 2 skipped, then training goes on
-    assert all(torch.isfinite(p).all() for p in torch.load(out / "checkpoint-3" / "trainer_state.pt",
-                                                              weights_only=False)["optimizer"]["state"][0].values()
-               if isinstance(p, torch.Tensor))
+    assert [m["nonfinite_steps"] for m in rows] == [
+        0,
+        2,
+        2,
+    ]  # both updates of step 2 skipped, then training goes on
+    assert all(
+        torch.isfinite(p).all()
+        for p in torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)[
+            "optimizer"
+        ]["state"][0].values()
+        if isinstance(p, torch.Tensor)
+    )
 
 
-def test_a_run_that_keeps_diverging_stops_with_its_last_checkpoint_intact(tmp_path, tiny_model_dir, reward_file,
-                                                                         monkeypatch):
+def test_a_run_that_keeps_diverging_stops_with_its_last_checkpoint_intact(
+    tmp_path, tiny_model_dir, reward_file, monkeypatch
+):
     real_loss, calls = grpo.policy_loss, {"n": 0}
 
     def nan_after_step_two(*args, **kwargs):
@@ -159,26 +252,39 @@ def test_a_run_that_keeps_diverging_stops_with_its_last_checkpoint_intact(tmp_pa
 
     monkeypatch.setattr(grpo, "policy_loss", nan_after_step_two)
     out = tmp_path / "run"
-    cfg = _tiny_train_config(tiny_model_dir, out, reward_file, max_steps=20, save_steps=2, max_nonfinite_steps=3)
+    cfg = _tiny_train_config(
+        tiny_model_dir, out, reward_file, max_steps=20, save_steps=2, max_nonfinite_steps=3
+    )
     with pytest.raises(UserError, match="consecutive steps had a non-finite loss"):
         train.train(cfg)
     assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     from safetensors.torch import load_file
-    good, after = load_file(out / "checkpoint-2" / "adapter_model.safetensors"), \
-        load_file(out / "checkpoint-4" / "adapter_model.safetensors")
-    assert all(torch.equal(good[k], after[k]) for k in good)  # the NaN steps never reached the weights
+
+    good, after = load_file(out / "checkpoint-2" / "adapter_model.safetensors"), load_file(
+        out / "checkpoint-4" / "adapter_model.safetensors"
+    )
+    assert all(
+        torch.equal(good[k], after[k]) for k in good
+    )  # the NaN steps never reached the weights
 
 
 @pytest.mark.slow
 def test_qlora_trains_on_cpu_and_its_adapter_loads_back(tmp_path, tiny_model_dir, reward_file):
     from peft import PeftModel
     from transformers import Qwen2VLForConditionalGeneration
+
     out = tmp_path / "qlora"
-    cfg = _tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2, save_steps=0, load_in_4bit=True)
+    cfg = _tiny_train_config(
+        tiny_model_dir, out, reward_file, max_steps=2, save_steps=0, load_in_4bit=True
+    )
     model, _ = train.load_model(cfg, torch.device("cpu"))
     kinds = {type(m).__name__ for n, m in model.named_modules() if "language_model" in n}
     assert "Linear4bit" in kinds
-    assert not any(type(m).__name__ == "Linear4bit" for n, m in model.named_modules() if "visual" in n or "lm_head" in n)
+    assert not any(
+        type(m).__name__ == "Linear4bit"
+        for n, m in model.named_modules()
+        if "visual" in n or "lm_head" in n
+    )
     del model
     train.train(cfg)
     rows = metrics(out)

@@ -11,15 +11,26 @@ import data
 
 def test_question_text_and_prompt_are_the_papers():
     assert data.question_text("Where?", ["left", "right", "up"]) == (
-        "Answer in natural language. Where? Choose between the following options: left, right or up")
+        "Answer in natural language. Where? Choose between the following options: left, right or up"
+    )
     assert data.question_text("Where?", ["left", "right"]).endswith("options: left or right")
-    ex = data.make_example(Image.new("RGB", (56, 56)), "Where?", ["left", "right"], "left", random.Random(0),
-                           3136, 401408)
+    ex = data.make_example(
+        Image.new("RGB", (56, 56)),
+        "Where?",
+        ["left", "right"],
+        "left",
+        random.Random(0),
+        3136,
+        401408,
+    )
     assert ex["prompt"] == (
-        "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. The user asks a "
-        "question about the image, and the Assistant solves it. The assistant first thinks about the reasoning "
-        "process in the mind and then provides the user with the answer.\nUser: " + ex["question"] +
-        " \nAssistant: Let me solve this step by step.\n<think>")
+        "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. "
+        "The user asks a question about the image, and the Assistant solves it. The assistant "
+        "first thinks about the reasoning process in the mind and then provides the user with "
+        "the answer.\nUser: "
+        + ex["question"]
+        + " \nAssistant: Let me solve this step by step.\n<think>"
+    )
 
 
 def test_fit_image_respects_the_pixel_budget_and_the_28_pixel_grid():
@@ -29,20 +40,31 @@ def test_fit_image_respects_the_pixel_budget_and_the_28_pixel_grid():
     assert small.mode == "RGB" and small.width * small.height >= 3136
 
 
-@pytest.mark.parametrize("bad,message", [
-    (dict(answer="up"), "not among the choices"),
-    (dict(choices=["left"]), "at least 2"),
-    (dict(question=""), "question is empty"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (dict(answer="up"), "not among the choices"),
+        (dict(choices=["left"]), "at least 2"),
+        (dict(question=""), "question is empty"),
+    ],
+)
 def test_make_example_rejects_bad_rows(bad, message):
     row = dict(question="Where?", choices=["left", "right"], answer="left") | bad
     with pytest.raises(ValueError, match=message):
-        data.make_example(Image.new("RGB", (56, 56)), row["question"], row["choices"], row["answer"],
-                          random.Random(0), 3136, 401408)
+        data.make_example(
+            Image.new("RGB", (56, 56)),
+            row["question"],
+            row["choices"],
+            row["answer"],
+            random.Random(0),
+            3136,
+            401408,
+        )
 
 
 def _png_bytes(size=(64, 48), color="red"):
     import io
+
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
@@ -51,10 +73,16 @@ def _png_bytes(size=(64, 48), color="red"):
 def make_sat_folder(root, rows):
     """A local dataset in SAT's hub schema: image_bytes is a list of images."""
     import datasets
-    features = datasets.Features({"image_bytes": datasets.List(datasets.Image()), "question": datasets.Value("string"),
-                                  "answers": datasets.List(datasets.Value("string")),
-                                  "question_type": datasets.Value("string"),
-                                  "correct_answer": datasets.Value("string")})
+
+    features = datasets.Features(
+        {
+            "image_bytes": datasets.List(datasets.Image()),
+            "question": datasets.Value("string"),
+            "answers": datasets.List(datasets.Value("string")),
+            "question_type": datasets.Value("string"),
+            "correct_answer": datasets.Value("string"),
+        }
+    )
     ds = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
     (root / "data").mkdir(parents=True)
     ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
@@ -63,12 +91,27 @@ def make_sat_folder(root, rows):
 
 def sat_rows():
     return [
-        dict(image_bytes=[{"bytes": _png_bytes()}], question="Is the cup left or right of the plate?",
-             answers=["left", "right"], question_type="other_static", correct_answer="right"),
-        dict(image_bytes=[{"bytes": _png_bytes()}, {"bytes": _png_bytes()}], question="Did the camera move?",
-             answers=["yes", "no"], question_type="ego_movement", correct_answer="yes"),
-        dict(image_bytes=[{"bytes": _png_bytes((2000, 1500), "blue")}], question="How many chairs?",
-             answers=["1", "2", "3"], question_type="count", correct_answer="2"),
+        dict(
+            image_bytes=[{"bytes": _png_bytes()}],
+            question="Is the cup left or right of the plate?",
+            answers=["left", "right"],
+            question_type="other_static",
+            correct_answer="right",
+        ),
+        dict(
+            image_bytes=[{"bytes": _png_bytes()}, {"bytes": _png_bytes()}],
+            question="Did the camera move?",
+            answers=["yes", "no"],
+            question_type="ego_movement",
+            correct_answer="yes",
+        ),
+        dict(
+            image_bytes=[{"bytes": _png_bytes((2000, 1500), "blue")}],
+            question="How many chairs?",
+            answers=["1", "2", "3"],
+            question_type="count",
+            correct_answer="2",
+        ),
     ]
 
 
@@ -78,11 +121,15 @@ def test_sat_from_a_local_folder_of_the_hub_schema(tmp_path):
     assert len(ds) == 2  # the two-image row is dropped
     first, big = ds[0], ds[1]
     assert first["answer"] == "right" and sorted(first["choices"]) == ["left", "right"]
-    assert first["question"].startswith("Answer in natural language. Is the cup left or right of the plate?")
+    assert first["question"].startswith(
+        "Answer in natural language. Is the cup left or right of the plate?"
+    )
     assert big["image"].width * big["image"].height <= 401408 and big["image"].width % 28 == 0
     again = data.load_sat(source, "train", limit=15000, seed=1)
     assert [again[i]["choices"] for i in range(2)] == [ds[i]["choices"] for i in range(2)]
-    assert len(data.load_sat(source, "train", limit=1, seed=1)) == 1  # the first N rows, then single-image only
+    assert (
+        len(data.load_sat(source, "train", limit=1, seed=1)) == 1
+    )  # the first N rows, then single-image only
 
 
 def test_sat_errors_name_the_dataset_and_row(tmp_path):
@@ -98,6 +145,7 @@ def test_sat_errors_name_the_dataset_and_row(tmp_path):
 
 def test_sat_missing_columns(tmp_path):
     import datasets
+
     root = tmp_path / "wrong"
     (root / "data").mkdir(parents=True)
     datasets.Dataset.from_dict({"question": ["q"]}).to_parquet(str(root / "data" / "train.parquet"))
@@ -112,17 +160,38 @@ def write_jsonl(path, rows):
 
 def test_jsonl_loads_relative_images(tmp_path):
     Image.new("RGB", (80, 60), "green").save(tmp_path / "a.png")
-    path = write_jsonl(tmp_path / "task.jsonl", [
-        {"image": "a.png", "question": "What color?", "choices": ["green", "red"], "answer": "green"}])
+    path = write_jsonl(
+        tmp_path / "task.jsonl",
+        [
+            {
+                "image": "a.png",
+                "question": "What color?",
+                "choices": ["green", "red"],
+                "answer": "green",
+            }
+        ],
+    )
     ds = data.load_examples(str(path))
     assert len(ds) == 1 and ds[0]["answer"] == "green" and ds[0]["image"].size[0] % 28 == 0
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"image": "a.png", "question": "q", "choices": ["x", "y"]}, r"task.jsonl:2: missing field\(s\) \['answer'\]"),
-    ({"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "z"}, "task.jsonl:2: the answer 'z'"),
-    ({"image": "nope.png", "question": "q", "choices": ["x", "y"], "answer": "x"}, "task.jsonl:2: image .* does not exist"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (
+            {"image": "a.png", "question": "q", "choices": ["x", "y"]},
+            r"task.jsonl:2: missing field\(s\) \['answer'\]",
+        ),
+        (
+            {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "z"},
+            "task.jsonl:2: the answer 'z'",
+        ),
+        (
+            {"image": "nope.png", "question": "q", "choices": ["x", "y"], "answer": "x"},
+            "task.jsonl:2: image .* does not exist",
+        ),
+    ],
+)
 def test_jsonl_errors_name_file_and_line(tmp_path, row, message):
     Image.new("RGB", (80, 60)).save(tmp_path / "a.png")
     good = {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
@@ -133,7 +202,10 @@ def test_jsonl_errors_name_file_and_line(tmp_path, row, message):
 
 def test_jsonl_unreadable_image_is_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not a png")
-    path = write_jsonl(tmp_path / "task.jsonl", [{"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}])
+    path = write_jsonl(
+        tmp_path / "task.jsonl",
+        [{"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}],
+    )
     ds = data.load_examples(str(path))
     with pytest.raises(ValueError, match="task.jsonl:1"):
         ds[0]
@@ -161,5 +233,7 @@ def test_prompt_sampler_resumes_the_same_order_across_epochs():
     c = data.PromptSampler(10, 3, seed=5)
     c.load_state_dict(state)
     assert [c.next_batch() for _ in range(3)] == first[1:]
-    assert sorted(sum(first[:3], [])) == sorted(set(sum(first[:3], [])))  # no repeats within an epoch
+    assert sorted(sum(first[:3], [])) == sorted(
+        set(sum(first[:3], []))
+    )  # no repeats within an epoch
     assert a.epoch == 1  # the 4th batch of 3 from 10 rows starts epoch 1

@@ -21,7 +21,11 @@ def test_synthetic_is_deterministic_and_valid_for_every_task():
     c = demo.synthetic_dataset(40, seed=4)
     for i in range(40):
         x, y = a[i], b[i]
-        assert (x["question"], x["answer"], x["choices"]) == (y["question"], y["answer"], y["choices"])
+        assert (x["question"], x["answer"], x["choices"]) == (
+            y["question"],
+            y["answer"],
+            y["choices"],
+        )
         assert x["image"].tobytes() == y["image"].tobytes()
         assert x["answer"] in x["choices"] and 2 <= len(x["choices"]) <= 4
         assert x["prompt"].startswith(data.VISION_TOKENS) and x["prompt"].endswith("<think>")
@@ -37,7 +41,9 @@ def test_synthetic_answers_depend_on_the_image(task):
     answers_by_question = {}
     for i in range(len(ds)):
         ex = ds[i]
-        answers_by_question.setdefault((ex["question"], tuple(sorted(ex["choices"]))), set()).add(ex["answer"])
+        answers_by_question.setdefault((ex["question"], tuple(sorted(ex["choices"]))), set()).add(
+            ex["answer"]
+        )
     assert any(len(answers) > 1 for answers in answers_by_question.values())
 
 
@@ -50,8 +56,13 @@ def test_synthetic_rejects_unknown_tasks():
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     start = time.time()
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--demo", "--output_dir", str(out)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--demo", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return rows, time.time() - start

@@ -27,8 +27,12 @@ def write_task(folder, rows=6, changes=None):
     changes, lines = changes or {}, []
     for i in range(1, rows + 1):
         Image.new("RGB", (56, 56), ["red", "blue"][i % 2]).save(folder / f"{i}.png")
-        row = {"image": f"{i}.png", "question": "What color is it?", "choices": ["red", "blue"],
-               "answer": ["red", "blue"][i % 2]}
+        row = {
+            "image": f"{i}.png",
+            "question": "What color is it?",
+            "choices": ["red", "blue"],
+            "answer": ["red", "blue"][i % 2],
+        }
         if i in changes and changes[i] is None:
             lines.append("{not json")
             continue
@@ -40,8 +44,10 @@ def write_task(folder, rows=6, changes=None):
 
 def run_train(capsys, monkeypatch, *argv):
     """`python train.py ARGV`, in-process: (exit status, stderr)."""
+
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded")
+
     monkeypatch.setattr(policy, "load_base_model", never)
     with pytest.raises(SystemExit) as exit_info:
         cli.run(train.main, list(argv))
@@ -63,20 +69,27 @@ CASES = {
     "unknown reward": (["--reward_funcs", "format", "acuracy"], "unknown reward 'acuracy'"),
     "reward file missing": (["--reward_funcs", "nope.py:f"], "file 'nope.py' does not exist"),
     "a local .json": (["--dataset", "my.json"], "--dataset my.json: does not exist"),
-    "synthetic with 0 rows": (["--dataset", "synthetic", "--dataset_limit", "0"],
-                              "--dataset_limit"),
-    "unknown synthetic task": (["--dataset", "synthetic", "--synthetic_tasks", "sky"],
-                               "--synthetic_tasks"),
-    "eval dataset missing": (["--dataset", "synthetic", "--eval_steps", "1", "--eval_dataset",
-                              "nothere.jsonl"], "--eval_dataset: file 'nothere.jsonl'"),
+    "synthetic with 0 rows": (
+        ["--dataset", "synthetic", "--dataset_limit", "0"],
+        "--dataset_limit",
+    ),
+    "unknown synthetic task": (
+        ["--dataset", "synthetic", "--synthetic_tasks", "sky"],
+        "--synthetic_tasks",
+    ),
+    "eval dataset missing": (
+        ["--dataset", "synthetic", "--eval_steps", "1", "--eval_dataset", "nothere.jsonl"],
+        "--eval_dataset: file 'nothere.jsonl'",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_flags_are_one_line_before_anything_loads(case, tmp_path, capsys, monkeypatch):
     argv, message = CASES[case]
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--output_dir",
-                            str(tmp_path / "out"), *argv)
+    status, err = run_train(
+        capsys, monkeypatch, "--model", NO_MODEL, "--output_dir", str(tmp_path / "out"), *argv
+    )
     assert status == 2 and message in one_error_line(err)
 
 
@@ -99,59 +112,126 @@ def test_every_row_is_checked_before_the_model_loads(case, tmp_path, capsys, mon
     task = write_task(tmp_path / "task", changes=changes)
     (tmp_path / "task" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "task" / "sub").mkdir()
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task,
-                            "--prompts_per_step", "2", "--output_dir", str(tmp_path / "out"))
+    status, err = run_train(
+        capsys,
+        monkeypatch,
+        "--model",
+        NO_MODEL,
+        "--dataset",
+        task,
+        "--prompts_per_step",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert status == 2 and message in one_error_line(err)
 
 
 def test_dataset_sizes_and_resume_are_checked_before_the_model(tmp_path, capsys, monkeypatch):
     (tmp_path / "empty.jsonl").write_text("\n")
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--dataset",
-                            str(tmp_path / "empty.jsonl"), "--output_dir", str(tmp_path / "o"))
+    status, err = run_train(
+        capsys,
+        monkeypatch,
+        "--model",
+        NO_MODEL,
+        "--dataset",
+        str(tmp_path / "empty.jsonl"),
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert status == 2 and "empty.jsonl: no rows" in one_error_line(err)
     task = write_task(tmp_path / "task", rows=3)
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task,
-                            "--output_dir", str(tmp_path / "o"))
+    status, err = run_train(
+        capsys,
+        monkeypatch,
+        "--model",
+        NO_MODEL,
+        "--dataset",
+        task,
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert "3 rows, fewer than one batch of 8" in one_error_line(err)
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task,
-                            "--prompts_per_step", "2", "--resume", "--output_dir",
-                            str(tmp_path / "o"))
+    status, err = run_train(
+        capsys,
+        monkeypatch,
+        "--model",
+        NO_MODEL,
+        "--dataset",
+        task,
+        "--prompts_per_step",
+        "2",
+        "--resume",
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert "--resume: no complete checkpoint" in one_error_line(err)
 
 
 def test_a_reward_file_that_does_not_compile_is_named(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "mine.py"
     bad.write_text("def f(completion, example):\n    return 1 +\n")
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--reward_funcs",
-                            f"{bad}:f", "--output_dir", str(tmp_path / "o"))
+    status, err = run_train(
+        capsys,
+        monkeypatch,
+        "--model",
+        NO_MODEL,
+        "--reward_funcs",
+        f"{bad}:f",
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert f"{bad}:2: SyntaxError" in one_error_line(err)
     good = tmp_path / "other.py"
     good.write_text("def format(completion, example):\n    return 1.0\n")
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--reward_funcs", "format",
-                            f"{good}:format", "--output_dir", str(tmp_path / "o"))
+    status, err = run_train(
+        capsys,
+        monkeypatch,
+        "--model",
+        NO_MODEL,
+        "--reward_funcs",
+        "format",
+        f"{good}:format",
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert "two rewards are named 'format'" in one_error_line(err)
 
 
 def test_an_output_dir_that_is_a_file_or_holds_a_run(tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("mine")
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--output_dir",
-                            str(tmp_path / "file"))
+    status, err = run_train(
+        capsys, monkeypatch, "--model", NO_MODEL, "--output_dir", str(tmp_path / "file")
+    )
     assert "--output_dir" in one_error_line(err) and "is a file" in err
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n' * 40)
-    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--dataset", "synthetic",
-                            "--output_dir", str(run))
+    status, err = run_train(
+        capsys, monkeypatch, "--model", NO_MODEL, "--dataset", "synthetic", "--output_dir", str(run)
+    )
     assert "already holds a run" in one_error_line(err) and "--resume" in err
     assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n' * 40  # untouched
 
 
-def test_a_prompt_over_max_prompt_length_is_named_before_the_model(tmp_path, capsys, monkeypatch,
-                                                                   tiny_model_dir):
+def test_a_prompt_over_max_prompt_length_is_named_before_the_model(
+    tmp_path, capsys, monkeypatch, tiny_model_dir
+):
     task = write_task(tmp_path / "task")
-    status, err = run_train(capsys, monkeypatch, "--model", tiny_model_dir, "--dataset", task,
-                            "--prompts_per_step", "2", "--max_prompt_length", "20",
-                            "--output_dir", str(tmp_path / "o"))
+    status, err = run_train(
+        capsys,
+        monkeypatch,
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        task,
+        "--prompts_per_step",
+        "2",
+        "--max_prompt_length",
+        "20",
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert "row 1's prompt is" in one_error_line(err) and "--max_prompt_length 20" in err
 
 
@@ -164,10 +244,22 @@ def test_the_real_command_lines_print_one_line(tmp_path):
         (["eval.py", "--model", NO_MODEL, "--adapter", str(tmp_path / "none")], "--adapter"),
         (["eval.py", "--model", NO_MODEL, "--dataset", str(tmp_path / "no.jsonl")], "no.jsonl"),
     ]
-    procs = [subprocess.Popen([sys.executable, str(ROOT / cmd[0]), *cmd[1:], "--output_dir",
-                               str(tmp_path / f"out{i}")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for i, (cmd, _) in enumerate(commands)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / cmd[0]),
+                *cmd[1:],
+                "--output_dir",
+                str(tmp_path / f"out{i}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for i, (cmd, _) in enumerate(commands)
+    ]
     for proc, (cmd, message) in zip(procs, commands):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2 and message in one_error_line(err), (cmd, err)

@@ -14,11 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_score_cvbench_by_hand():
-    rows = ([{"source": "ADE20K", "task": "Count", "correct": c} for c in (True, True, False, False)] +   # 50%
-            [{"source": "COCO", "task": "Relation", "correct": c} for c in (True, False)] +
-            [{"source": "COCO", "task": "Count", "correct": True}, {"source": "COCO", "task": "Count", "correct": True}] +
-            [{"source": "Omni3D", "task": "Depth", "correct": c} for c in (True, False, False, False)] +  # 25%
-            [{"source": "Omni3D", "task": "Distance", "correct": c} for c in (True, True)])
+    rows = (
+        [
+            {"source": "ADE20K", "task": "Count", "correct": c} for c in (True, True, False, False)
+        ]  # 50%
+        + [{"source": "COCO", "task": "Relation", "correct": c} for c in (True, False)]
+        + [
+            {"source": "COCO", "task": "Count", "correct": True},
+            {"source": "COCO", "task": "Count", "correct": True},
+        ]
+        + [
+            {"source": "Omni3D", "task": "Depth", "correct": c} for c in (True, False, False, False)
+        ]  # 25%
+        + [{"source": "Omni3D", "task": "Distance", "correct": c} for c in (True, True)]
+    )
     s = evaluation.score_cvbench(rows)
     assert s["micro"] == pytest.approx(100 * 8 / 14)  # 14 items, 8 right
     # ADE20K 2/4 = 50, COCO 3/4 = 75 -> 2D 62.5; Omni3D 3/6 = 50 -> 3D 50; official (62.5 + 50) / 2
@@ -32,19 +41,22 @@ def test_score_cvbench_by_hand():
 CHOICES = ["3", "2", "1", "0"]
 
 
-@pytest.mark.parametrize("response,strict,lenient", [
-    ("</think><answer>(B)</answer>", 1, 1),
-    ("reasoning</think>\n<answer> b </answer>", 1, 1),              # case and spaces
-    ("</think><answer>B.</answer>", 1, 1),
-    ("</think><answer>2</answer>", 1, 1),                           # the option text
-    ("</think><answer>(B) 2</answer>", 1, 1),                       # both
-    ("</think><answer>E</answer>", None, None),                     # no such option
-    ("The answer is (C).", None, 2),                                # untagged: only the lenient parser reads it
-    ("I count 3 things", None, 0),                                  # untagged option text
-    ("</think><answer>(A) or (B)</answer>", None, 0),               # several answers: strict refuses
-    ("</think><answer>A</answer><answer>B</answer>", 0, 0),         # the first tag counts
-    ("", None, None),
-])
+@pytest.mark.parametrize(
+    "response,strict,lenient",
+    [
+        ("</think><answer>(B)</answer>", 1, 1),
+        ("reasoning</think>\n<answer> b </answer>", 1, 1),  # case and spaces
+        ("</think><answer>B.</answer>", 1, 1),
+        ("</think><answer>2</answer>", 1, 1),  # the option text
+        ("</think><answer>(B) 2</answer>", 1, 1),  # both
+        ("</think><answer>E</answer>", None, None),  # no such option
+        ("The answer is (C).", None, 2),  # untagged: only the lenient parser reads it
+        ("I count 3 things", None, 0),  # untagged option text
+        ("</think><answer>(A) or (B)</answer>", None, 0),  # several answers: strict refuses
+        ("</think><answer>A</answer><answer>B</answer>", 0, 0),  # the first tag counts
+        ("", None, None),
+    ],
+)
 def test_parsers(response, strict, lenient):
     assert evaluation.parse_choice(response, CHOICES) == strict
     assert evaluation.parse_choice(response, CHOICES, lenient=True) == lenient
@@ -56,23 +68,45 @@ def test_text_options_without_letters():
 
 
 def cvbench_rows(n=6):
-    tasks = [("2D", "Count", "ADE20K"), ("2D", "Relation", "COCO"), ("3D", "Depth", "Omni3D"),
-             ("3D", "Distance", "Omni3D")]
+    tasks = [
+        ("2D", "Count", "ADE20K"),
+        ("2D", "Relation", "COCO"),
+        ("3D", "Depth", "Omni3D"),
+        ("3D", "Distance", "Omni3D"),
+    ]
     rows = []
     for i in range(n):
         kind, task, source = tasks[i % 4]
         choices = ["3", "2", "1", "0"] if task == "Count" else ["left", "right"]
-        prompt = "How many organs are in the image? Select from the following choices.\n" + \
-                 "\n".join(f"({l}) {c}" for l, c in zip("ABCD", choices))
-        rows.append(dict(idx=i, type=kind, task=task, image={"bytes": _png()}, question="q", choices=choices,
-                         answer="(A)", prompt=prompt, filename=f"img/{i}.png", source=source,
-                         source_dataset=source, source_filename=f"{i}.png", target_class=None, target_size=None,
-                         bbox=None))
+        prompt = (
+            "How many organs are in the image? Select from the following choices.\n"
+            + "\n".join(f"({l}) {c}" for l, c in zip("ABCD", choices))
+        )
+        rows.append(
+            dict(
+                idx=i,
+                type=kind,
+                task=task,
+                image={"bytes": _png()},
+                question="q",
+                choices=choices,
+                answer="(A)",
+                prompt=prompt,
+                filename=f"img/{i}.png",
+                source=source,
+                source_dataset=source,
+                source_filename=f"{i}.png",
+                target_class=None,
+                target_size=None,
+                bbox=None,
+            )
+        )
     return rows
 
 
 def _png():
     import io
+
     buf = io.BytesIO()
     Image.new("RGB", (60, 40), "gray").save(buf, format="PNG")
     return buf.getvalue()
@@ -80,23 +114,39 @@ def _png():
 
 def write_cvbench(root, layout):
     import datasets
-    features = datasets.Features({
-        "idx": datasets.Value("int32"), "type": datasets.Value("string"), "task": datasets.Value("string"),
-        "image": datasets.Image(), "question": datasets.Value("string"),
-        "choices": datasets.List(datasets.Value("string")), "answer": datasets.Value("string"),
-        "prompt": datasets.Value("string"), "filename": datasets.Value("string"), "source": datasets.Value("string"),
-        "source_dataset": datasets.Value("string"), "source_filename": datasets.Value("string"),
-        "target_class": datasets.Value("string"), "target_size": datasets.Value("int64"),
-        "bbox": datasets.List(datasets.Value("float32"))})
+
+    features = datasets.Features(
+        {
+            "idx": datasets.Value("int32"),
+            "type": datasets.Value("string"),
+            "task": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "choices": datasets.List(datasets.Value("string")),
+            "answer": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "filename": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "source_dataset": datasets.Value("string"),
+            "source_filename": datasets.Value("string"),
+            "target_class": datasets.Value("string"),
+            "target_size": datasets.Value("int64"),
+            "bbox": datasets.List(datasets.Value("float32")),
+        }
+    )
     rows = cvbench_rows()
     root.mkdir(parents=True)
     if layout == "single":  # before 2025-04-01
         parts = {"test.parquet": rows}
     else:
-        parts = {"test_2d.parquet": [r for r in rows if r["type"] == "2D"],
-                 "test_3d.parquet": [r for r in rows if r["type"] == "3D"]}
+        parts = {
+            "test_2d.parquet": [r for r in rows if r["type"] == "2D"],
+            "test_3d.parquet": [r for r in rows if r["type"] == "3D"],
+        }
     for name, part in parts.items():
-        datasets.Dataset.from_dict({k: [r[k] for r in part] for k in features}, features=features).to_parquet(str(root / name))
+        datasets.Dataset.from_dict(
+            {k: [r[k] for r in part] for k in features}, features=features
+        ).to_parquet(str(root / name))
     return str(root)
 
 
@@ -111,8 +161,13 @@ def test_both_hub_layouts_load(tmp_path, layout):
 
 
 def run_eval(*args):
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -120,14 +175,35 @@ def run_eval(*args):
 def test_the_command_on_the_tiny_model_and_resume(tmp_path, tiny_model_dir, layout):
     source = write_cvbench(tmp_path / "cvbench", layout)
     out = tmp_path / "eval"
-    args = ["--model", tiny_model_dir, "--dataset", source, "--output_dir", str(out), "--max_new_tokens", "5",
-            "--batch_size", "4"]
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        source,
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "5",
+        "--batch_size",
+        "4",
+    ]
     result = run_eval(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and {"id", "task", "source", "response", "choice", "correct"} <= set(rows[0])
+    assert len(rows) == 6 and {"id", "task", "source", "response", "choice", "correct"} <= set(
+        rows[0]
+    )
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["strict"]) == {"micro", "official", "2D", "3D", "Count", "Relation", "Depth", "Distance"}
+    assert set(summary["strict"]) == {
+        "micro",
+        "official",
+        "2D",
+        "3D",
+        "Count",
+        "Relation",
+        "Depth",
+        "Distance",
+    }
     assert summary["n"] == 6 and "lenient" in summary and "official" in result.stdout
 
     # a killed evaluation: keep 3 finished items and a torn line, and resume
@@ -145,14 +221,38 @@ def test_the_command_on_the_tiny_model_and_resume(tmp_path, tiny_model_dir, layo
 def test_sat_benchmark_and_an_adapter(tmp_path, tiny_model_dir):
     from test_data import make_sat_folder, sat_rows
     import train
+
     source = make_sat_folder(tmp_path / "sat", sat_rows())
-    cfg = train.parse_config(["--model", tiny_model_dir, "--output_dir", str(tmp_path / "a"), "--lora_r", "2",
-                              "--lora_alpha", "4"])
+    cfg = train.parse_config(
+        [
+            "--model",
+            tiny_model_dir,
+            "--output_dir",
+            str(tmp_path / "a"),
+            "--lora_r",
+            "2",
+            "--lora_alpha",
+            "4",
+        ]
+    )
     model, _ = train.load_model(cfg, train.torch.device("cpu"))
     model.save_pretrained(tmp_path / "adapter")
-    result = run_eval("--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--benchmark", "sat",
-                      "--dataset", source, "--split", "train", "--output_dir", str(tmp_path / "e"),
-                      "--max_new_tokens", "4")
+    result = run_eval(
+        "--model",
+        tiny_model_dir,
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--benchmark",
+        "sat",
+        "--dataset",
+        source,
+        "--split",
+        "train",
+        "--output_dir",
+        str(tmp_path / "e"),
+        "--max_new_tokens",
+        "4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["n"] == 2 and "micro" in summary["strict"]

@@ -20,7 +20,9 @@ def test_group_advantages_batch_and_none_scales():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
     centred = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
     batch_std = math.sqrt(5.5 / 7)  # mean 1.25, sum of squared deviations 5.5
-    torch.testing.assert_close(grpo.group_advantages(rewards, 4, scale="batch"), centred / (batch_std + 1e-4))
+    torch.testing.assert_close(
+        grpo.group_advantages(rewards, 4, scale="batch"), centred / (batch_std + 1e-4)
+    )
     torch.testing.assert_close(grpo.group_advantages(rewards, 4, scale="none"), centred)
 
 
@@ -51,17 +53,24 @@ def _ragged():
     return logp, mask, torch.tensor([2.0, -1.0])
 
 
-@pytest.mark.parametrize("loss_type,kwargs,expected", [
-    ("grpo", {}, (-2.0 + 1.0) / 2),                       # per-sequence means -2 and +1, then their mean
-    ("bnpo", {}, (-2 - 2 + 1) / 3),                       # token mean over the micro-batch
-    ("dr_grpo", {"max_completion_length": 4}, (-2 - 2 + 1) / (2 * 4)),
-    ("dapo", {"num_tokens": 6}, (-2 - 2 + 1) / 6),        # normalised by the whole generation batch
-])
+@pytest.mark.parametrize(
+    "loss_type,kwargs,expected",
+    [
+        ("grpo", {}, (-2.0 + 1.0) / 2),  # per-sequence means -2 and +1, then their mean
+        ("bnpo", {}, (-2 - 2 + 1) / 3),  # token mean over the micro-batch
+        ("dr_grpo", {"max_completion_length": 4}, (-2 - 2 + 1) / (2 * 4)),
+        ("dapo", {"num_tokens": 6}, (-2 - 2 + 1) / 6),  # normalised by the whole generation batch
+    ],
+)
 def test_policy_loss_aggregations_on_ragged_mask(loss_type, kwargs, expected):
     logp, mask, adv = _ragged()
     loss, stats = grpo.policy_loss(logp, None, None, adv, mask, loss_type=loss_type, **kwargs)
     assert loss.item() == pytest.approx(expected)
-    assert stats["kl"] == 0.0 and stats["clip_ratio/low_mean"] == 0.0 and stats["clip_ratio/high_mean"] == 0.0
+    assert (
+        stats["kl"] == 0.0
+        and stats["clip_ratio/low_mean"] == 0.0
+        and stats["clip_ratio/high_mean"] == 0.0
+    )
 
 
 def test_on_policy_gradient_is_advantage_over_length_and_masked_tokens_get_none():
@@ -74,7 +83,9 @@ def test_on_policy_gradient_is_advantage_over_length_and_masked_tokens_get_none(
 
 def test_clipping_on_both_sides():
     old = torch.zeros(2, 2)
-    logp = torch.log(torch.tensor([[1.5, 0.5], [0.5, 1.5]])).requires_grad_()  # ratios, since old = 0
+    logp = torch.log(
+        torch.tensor([[1.5, 0.5], [0.5, 1.5]])
+    ).requires_grad_()  # ratios, since old = 0
     adv = torch.tensor([1.0, -1.0])
     loss, stats = grpo.policy_loss(logp, old, None, adv, torch.ones(2, 2, dtype=torch.long))
     # seq 0 (A=+1): rho 1.5 clipped to 1.2 -> -1.2; rho 0.5 not clipped -> -0.5
@@ -91,8 +102,12 @@ def test_clipping_on_both_sides():
 def test_clip_higher_widens_only_the_upper_side():
     old = torch.zeros(1, 1)
     logp = torch.log(torch.tensor([[1.25]]))
-    loose, stats = grpo.policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.28)
-    tight, _ = grpo.policy_loss(logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.2)
+    loose, stats = grpo.policy_loss(
+        logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.28
+    )
+    tight, _ = grpo.policy_loss(
+        logp, old, None, torch.tensor([1.0]), torch.ones(1, 1), eps_high=0.2
+    )
     assert loose.item() == pytest.approx(-1.25) and tight.item() == pytest.approx(-1.2)
     assert stats["clip_ratio/high_mean"] == 0.0
 
@@ -127,7 +142,7 @@ def test_completion_mask_includes_first_eos_even_when_pad_is_eos():
 
 
 def _full_logps(hidden, weight, ids, temperature):
-    logits = hidden @ weight.T / temperature                                        # (N, C, V)
+    logits = hidden @ weight.T / temperature  # (N, C, V)
     return torch.gather(logits.log_softmax(-1), 2, ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -162,34 +177,54 @@ def test_huge_log_prob_gaps_past_eos_give_a_finite_loss_and_gradient():
     ref = torch.tensor([[-1.5, -1.0], [-2.5, -1.0]])
     old = torch.tensor([[-1.0, 50.0], [-2.0, -0.5]])  # a ratio of exp(-150) there too
     mask = torch.tensor([[1, 0], [1, 1]])
-    for loss_type, kwargs in [("grpo", {}), ("bnpo", {}), ("dapo", {"num_tokens": 3}),
-                              ("dr_grpo", {"max_completion_length": 2})]:
+    for loss_type, kwargs in [
+        ("grpo", {}),
+        ("bnpo", {}),
+        ("dapo", {"num_tokens": 3}),
+        ("dr_grpo", {"max_completion_length": 2}),
+    ]:
         for old_logp in (None, old):
-            loss, stats = grpo.policy_loss(logp, old_logp, ref, torch.tensor([1.0, -1.0]), mask,
-                                           beta=0.04, loss_type=loss_type, **kwargs)
+            loss, stats = grpo.policy_loss(
+                logp,
+                old_logp,
+                ref,
+                torch.tensor([1.0, -1.0]),
+                mask,
+                beta=0.04,
+                loss_type=loss_type,
+                **kwargs
+            )
             (grad,) = torch.autograd.grad(loss, logp)
             assert torch.isfinite(loss) and torch.isfinite(grad).all(), loss_type
             assert grad[0, 1] == 0.0 and all(map(math.isfinite, stats.values()))
 
 
-@pytest.mark.parametrize("loss_type,kwargs", [
-    ("grpo", {}), ("dr_grpo", {"max_completion_length": 5}), ("dapo", {})])
+@pytest.mark.parametrize(
+    "loss_type,kwargs", [("grpo", {}), ("dr_grpo", {"max_completion_length": 5}), ("dapo", {})]
+)
 @pytest.mark.parametrize("cuts", [[4], [2, 2], [3, 1], [1, 1, 1, 1]])
 def test_micro_batch_losses_add_up_to_the_batch_loss(loss_type, kwargs, cuts):
     torch.manual_seed(0)
     logp = torch.randn(4, 5).requires_grad_()
     old, ref, adv = logp.detach() + 0.1 * torch.randn(4, 5), torch.randn(4, 5), torch.randn(4)
-    mask = grpo.completion_mask(torch.tensor([[1, 0, 2, 2, 2], [1, 1, 1, 1, 1],
-                                              [0, 3, 3, 3, 3], [1, 1, 0, 4, 4]]), 0)
+    mask = grpo.completion_mask(
+        torch.tensor([[1, 0, 2, 2, 2], [1, 1, 1, 1, 1], [0, 3, 3, 3, 3], [1, 1, 0, 4, 4]]), 0
+    )
     totals = dict(num_sequences=4, num_tokens=mask.sum(), **kwargs)
-    whole, _ = grpo.policy_loss(logp, old, ref, adv, mask, beta=0.04, loss_type=loss_type,
-                                **totals)
+    whole, _ = grpo.policy_loss(logp, old, ref, adv, mask, beta=0.04, loss_type=loss_type, **totals)
     (whole_grad,) = torch.autograd.grad(whole, logp)
     parts, start = 0.0, 0
     for n in cuts:
-        part, _ = grpo.policy_loss(logp[start:start + n], old[start:start + n],
-                                   ref[start:start + n], adv[start:start + n],
-                                   mask[start:start + n], beta=0.04, loss_type=loss_type, **totals)
+        part, _ = grpo.policy_loss(
+            logp[start : start + n],
+            old[start : start + n],
+            ref[start : start + n],
+            adv[start : start + n],
+            mask[start : start + n],
+            beta=0.04,
+            loss_type=loss_type,
+            **totals
+        )
         parts, start = parts + part, start + n
     (grad,) = torch.autograd.grad(parts, logp)
     torch.testing.assert_close(parts, whole)

@@ -15,18 +15,42 @@ import train
 
 
 def tiny_config(model_dir, tmp_path, **overrides):
-    args = ["--model", model_dir, "--dataset", "synthetic", "--dataset_limit", "64",
-            "--synthetic_image_size", "56", "--output_dir", str(tmp_path / "run"),
-            "--num_generations", "2", "--prompts_per_step", "3", "--micro_batch_size", "6",
-            "--max_completion_length", "6", "--lora_r", "4", "--lora_alpha", "8"]
+    args = [
+        "--model",
+        model_dir,
+        "--dataset",
+        "synthetic",
+        "--dataset_limit",
+        "64",
+        "--synthetic_image_size",
+        "56",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--num_generations",
+        "2",
+        "--prompts_per_step",
+        "3",
+        "--micro_batch_size",
+        "6",
+        "--max_completion_length",
+        "6",
+        "--lora_r",
+        "4",
+        "--lora_alpha",
+        "8",
+    ]
     for key, value in overrides.items():
         args += [f"--{key}"] + ([str(value)] if value is not True else [])
     return train.parse_config(args)
 
 
 def generation(processor, cfg):
-    return policy.generation_config(processor, max_new_tokens=cfg.max_completion_length,
-                                    temperature=cfg.temperature, top_k=cfg.top_k)
+    return policy.generation_config(
+        processor,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+    )
 
 
 @pytest.fixture
@@ -40,14 +64,20 @@ def rollout(tiny_model_dir, tmp_path):
                 p.normal_(0, 0.5)
     ds = demo.synthetic_dataset(8, seed=1, tasks=("count", "leftright", "bigger"), image_size=56)
     examples = [ds[0], ds[1], demo.synthetic_dataset(1, seed=2, image_size=84)[0]]  # two sizes
-    rollout, texts = policy.generate(model, processor, examples, generation(processor, cfg),
-                                     cfg.num_generations)
+    rollout, texts = policy.generate(
+        model, processor, examples, generation(processor, cfg), cfg.num_generations
+    )
     return cfg, model, processor, rollout, texts, examples
 
 
 def logps(model, rollout, cfg, micro_batch_size=None):
-    return policy.rollout_logps(model, rollout, micro_batch_size or cfg.micro_batch_size,
-                                cfg.temperature, cfg.logp_chunk_size)
+    return policy.rollout_logps(
+        model,
+        rollout,
+        micro_batch_size or cfg.micro_batch_size,
+        cfg.temperature,
+        cfg.logp_chunk_size,
+    )
 
 
 def test_generate_returns_prompt_major_groups_and_position_masks(rollout):
@@ -55,8 +85,9 @@ def test_generate_returns_prompt_major_groups_and_position_masks(rollout):
     N = len(examples) * cfg.num_generations
     assert batch.completion_ids.shape[0] == N and len(batch) == N and len(texts) == N
     tokens = policy.special_tokens(processor)
-    assert torch.equal(batch.completion_mask, grpo.completion_mask(batch.completion_ids,
-                                                                   tokens.eos))
+    assert torch.equal(
+        batch.completion_mask, grpo.completion_mask(batch.completion_ids, tokens.eos)
+    )
     assert not torch.isin(batch.completion_ids, torch.tensor(tokens.vision)).any()  # suppressed
     assert batch.images_per_seq.tolist() == [1] * N
 
@@ -66,27 +97,31 @@ def test_micro_batches_of_several_prompts_give_the_full_batch_logps(rollout):
     full = logps(model, batch, cfg)
     mask = batch.completion_mask.bool()
     for size in (1, 2, 4):
-        torch.testing.assert_close(logps(model, batch, cfg, size)[mask], full[mask], atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(
+            logps(model, batch, cfg, size)[mask], full[mask], atol=1e-5, rtol=1e-5
+        )
 
 
 def expected_logps(model, batch):
     with torch.no_grad():
-        logits = model(**batch.model_inputs()).logits                          # (N, P+C, V)
+        logits = model(**batch.model_inputs()).logits  # (N, P+C, V)
     P, C = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    return torch.gather(logits[:, P - 1:P + C - 1].log_softmax(-1), 2,
-                        batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return torch.gather(
+        logits[:, P - 1 : P + C - 1].log_softmax(-1), 2, batch.completion_ids.unsqueeze(-1)
+    ).squeeze(-1)
 
 
 def test_logps_equal_the_models_own_logits(rollout):
     cfg, model, processor, batch, texts, examples = rollout
     mask = batch.completion_mask.bool()
-    torch.testing.assert_close(logps(model, batch, cfg)[mask], expected_logps(model, batch)[mask],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logps(model, batch, cfg)[mask], expected_logps(model, batch)[mask], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_disable_adapter_gives_the_base_models_logps(rollout, tiny_model_dir):
     from transformers import Qwen2VLForConditionalGeneration
+
     cfg, model, processor, batch, texts, examples = rollout
     with model.disable_adapter():
         ref = logps(model, batch, cfg)
@@ -118,8 +153,16 @@ def test_update_changes_every_lora_weight_and_only_those(rollout, use_liger):
 def batch_gradients(model, batch, cfg, micro_batch_size, loss_type, use_liger=False):
     model.zero_grad(set_to_none=True)
     loss, stats = policy.accumulate_gradients(
-        model, batch, micro_batch_size, cfg.temperature, cfg.logp_chunk_size, use_liger,
-        beta=0.04, loss_type=loss_type, max_completion_length=cfg.max_completion_length)
+        model,
+        batch,
+        micro_batch_size,
+        cfg.temperature,
+        cfg.logp_chunk_size,
+        use_liger,
+        beta=0.04,
+        loss_type=loss_type,
+        max_completion_length=cfg.max_completion_length,
+    )
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     return loss, grads, stats
@@ -133,8 +176,9 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batch_size(rollout, loss_
     with model.disable_adapter():
         batch.ref_logp = logps(model, batch, cfg)
     batch.old_logp = logps(model, batch, cfg) + 0.3 * torch.randn(batch.completion_ids.shape)
-    whole_loss, whole_grads, whole_stats = batch_gradients(model, batch, cfg, 6, loss_type,
-                                                           use_liger)
+    whole_loss, whole_grads, whole_stats = batch_gradients(
+        model, batch, cfg, 6, loss_type, use_liger
+    )
     assert any(g.abs().sum() > 0 for g in whole_grads)
     for size in (3, 2, 4, 5):  # 6 = 3+3 = 2+2+2 = 4+2 = 5+1
         loss, grads, stats = batch_gradients(model, batch, cfg, size, loss_type, use_liger)
@@ -153,36 +197,74 @@ def test_liger_fused_loss_matches_the_plain_path_in_loss_and_lora_gradients(roll
     batch.old_logp = logps(model, batch, cfg) + 0.3 * torch.randn(batch.completion_ids.shape)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    num_tokens, kwargs = batch.completion_mask.sum(), dict(beta=0.04, loss_type=loss_type,
-                                                           max_completion_length=6)
-    liger, liger_stats = policy.liger_loss(model, batch, cfg.temperature, len(batch), num_tokens,
-                                           **kwargs)
+    num_tokens, kwargs = batch.completion_mask.sum(), dict(
+        beta=0.04, loss_type=loss_type, max_completion_length=6
+    )
+    liger, liger_stats = policy.liger_loss(
+        model, batch, cfg.temperature, len(batch), num_tokens, **kwargs
+    )
     logp = policy.token_logps(model, batch, cfg.temperature)
-    plain, plain_stats = grpo.policy_loss(logp, batch.old_logp, batch.ref_logp, batch.advantages,
-                                          batch.completion_mask, num_tokens=num_tokens, **kwargs)
+    plain, plain_stats = grpo.policy_loss(
+        logp,
+        batch.old_logp,
+        batch.ref_logp,
+        batch.advantages,
+        batch.completion_mask,
+        num_tokens=num_tokens,
+        **kwargs,
+    )
     torch.testing.assert_close(liger, plain, atol=1e-5, rtol=1e-4)
     for a, b in zip(torch.autograd.grad(liger, params), torch.autograd.grad(plain, params)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
     assert liger_stats["kl"] == pytest.approx(plain_stats["kl"], rel=1e-4, abs=1e-7)
     assert liger_stats["clip_ratio/region_mean"] == pytest.approx(
-        plain_stats["clip_ratio/region_mean"], abs=1e-6)
+        plain_stats["clip_ratio/region_mean"], abs=1e-6
+    )
 
 
 def test_vision_inputs_follow_their_sequences_with_several_prompts(tiny_model_dir):
     from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     sizes = [(56, 56), (112, 56), (56, 84)]
-    examples = [data.make_example(Image.new("RGB", s, c), "q", ["a", "b"], "a", random.Random(0),
-                                  784, 50176) for s, c in zip(sizes, ["red", "green", "blue"])]
+    examples = [
+        data.make_example(
+            Image.new("RGB", s, c), "q", ["a", "b"], "a", random.Random(0), 784, 50176
+        )
+        for s, c in zip(sizes, ["red", "green", "blue"])
+    ]
     G = 2
     enc = policy.encode_prompts(processor, examples, G)
     N = len(examples) * G
-    batch = policy.Rollout.from_encoding(enc, torch.ones(N, 2, dtype=torch.long),
-                                         torch.ones(N, 2, dtype=torch.long),
-                                         policy.special_tokens(processor).vision_start)
+    batch = policy.Rollout.from_encoding(
+        enc,
+        torch.ones(N, 2, dtype=torch.long),
+        torch.ones(N, 2, dtype=torch.long),
+        policy.special_tokens(processor).vision_start,
+    )
     for start, end in [(0, 2), (1, 4), (2, 6), (5, 6)]:
         part = batch.select(start, end)
         alone = policy.encode_prompts(processor, [examples[i // G] for i in range(start, end)], 1)
         assert torch.equal(part.image_grid_thw, alone["image_grid_thw"])
         assert torch.equal(part.pixel_values, alone["pixel_values"])
         assert len(part) == end - start and part.completion_ids.shape[0] == end - start
+
+
+def test_prompts_are_encoded_once_and_repeated_as_the_processor_would(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    examples = [
+        demo.synthetic_dataset(3, seed=5, image_size=s)[i] for i, s in enumerate((56, 84, 112))
+    ]
+    repeated = processor(
+        text=[ex["prompt"] for ex in examples for _ in range(3)],
+        images=[ex["image"] for ex in examples for _ in range(3)],
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
+    encoded = policy.encode_prompts(processor, examples, 3)
+    assert set(encoded) == set(repeated)
+    for key in repeated:
+        assert torch.equal(encoded[key], repeated[key]), key

@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for f in train.dataclasses.fields(train.Config):
         assert f"--{f.name}" in out
 
@@ -28,10 +33,13 @@ def test_demo_defaults_yield_to_given_flags():
     assert train.Config(**{**demo.DEMO, "max_steps": 3}) == cfg
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--reward_funcs", "format", "--reward_weights", "1", "2"], "--reward_weights"),
-    (["--num_generations", "1"], "--num_generations"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--reward_funcs", "format", "--reward_weights", "1", "2"], "--reward_weights"),
+        (["--num_generations", "1"], "--num_generations"),
+    ],
+)
 def test_bad_flags_are_named(argv, message):
     with pytest.raises(ValueError, match=message):
         train.parse_config(argv)
@@ -47,16 +55,37 @@ def test_bad_flags_on_the_command_line_are_one_line(tmp_path):
 
 
 def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_bad_inputs_stop_before_training_with_a_clear_message(tmp_path, tiny_model_dir):
     bad = tmp_path / "task.jsonl"
-    bad.write_text(json.dumps({"image": "missing.png", "question": "q", "choices": ["a", "b"], "answer": "a"}) + "\n")
-    result = run_cli("--model", tiny_model_dir, "--dataset", str(bad), "--output_dir", str(tmp_path / "o"))
-    assert result.returncode != 0 and "task.jsonl:1: image" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("--model", tiny_model_dir, "--reward_funcs", "nope.py:f", "--output_dir", str(tmp_path / "o"))
+    bad.write_text(
+        json.dumps({"image": "missing.png", "question": "q", "choices": ["a", "b"], "answer": "a"})
+        + "\n"
+    )
+    result = run_cli(
+        "--model", tiny_model_dir, "--dataset", str(bad), "--output_dir", str(tmp_path / "o")
+    )
+    assert (
+        result.returncode != 0
+        and "task.jsonl:1: image" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+    result = run_cli(
+        "--model",
+        tiny_model_dir,
+        "--reward_funcs",
+        "nope.py:f",
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert result.returncode != 0 and "--reward_funcs 'nope.py:f'" in result.stderr
 
 
@@ -64,48 +93,131 @@ def test_bad_inputs_stop_before_training_with_a_clear_message(tmp_path, tiny_mod
 def test_end_to_end_command_line_on_the_tiny_model(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import Qwen2VLForConditionalGeneration
+
     out = tmp_path / "run"
-    reward_file = tmp_path / "my_rewards.py"  # a random model never earns format or accuracy: give it a signal
+    reward_file = (
+        tmp_path / "my_rewards.py"
+    )  # a random model never earns format or accuracy: give it a signal
     reward_file.write_text("def length(completion, example):\n    return len(completion) / 10\n")
-    result = run_cli("--model", tiny_model_dir, "--reward_funcs", "format", "accuracy", f"{reward_file}:length", "--dataset", "synthetic", "--dataset_limit", "64",
-                     "--synthetic_image_size", "56", "--output_dir", str(out), "--max_steps", "3",
-                     "--num_generations", "4", "--prompts_per_step", "2", "--micro_batch_size", "3",
-                     "--max_completion_length", "8", "--beta", "0.04", "--num_iterations", "2", "--log_samples_steps", "2",
-                     "--learning_rate", "1e-2")
+    result = run_cli(
+        "--model",
+        tiny_model_dir,
+        "--reward_funcs",
+        "format",
+        "accuracy",
+        f"{reward_file}:length",
+        "--dataset",
+        "synthetic",
+        "--dataset_limit",
+        "64",
+        "--synthetic_image_size",
+        "56",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--num_generations",
+        "4",
+        "--prompts_per_step",
+        "2",
+        "--micro_batch_size",
+        "3",
+        "--max_completion_length",
+        "8",
+        "--beta",
+        "0.04",
+        "--num_iterations",
+        "2",
+        "--log_samples_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    for key in ["reward", "reward_std", "rewards/format/mean", "rewards/accuracy/mean", "rewards/length/mean", "frac_reward_zero_std",
-                "completions/mean_length", "completions/clipped_ratio", "completions/reflection_ratio", "kl",
-                "clip_ratio/low_mean", "clip_ratio/high_mean", "grad_norm", "learning_rate", "step_time", "loss"]:
+    for key in [
+        "reward",
+        "reward_std",
+        "rewards/format/mean",
+        "rewards/accuracy/mean",
+        "rewards/length/mean",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "completions/reflection_ratio",
+        "kl",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "grad_norm",
+        "learning_rate",
+        "step_time",
+        "loss",
+    ]:
         assert all(key in m for m in metrics), key
     assert metrics[-1]["kl"] > 0.0  # the adapter moved away from the reference
-    assert metrics[0]["learning_rate"] > metrics[-1]["learning_rate"] > 0  # linear decay over 3 steps x 2 updates
+    assert (
+        metrics[0]["learning_rate"] > metrics[-1]["learning_rate"] > 0
+    )  # linear decay over 3 steps x 2 updates
     samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2} and "completion" in samples[0]
     assert json.loads((out / "config.json").read_text())["max_steps"] == 3
-    model = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), out / "checkpoint-3")
+    model = PeftModel.from_pretrained(
+        Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), out / "checkpoint-3"
+    )
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
 @pytest.mark.slow
 def test_in_training_evaluation_logs_eval_accuracy(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    result = run_cli("--model", tiny_model_dir, "--dataset", "synthetic", "--dataset_limit", "32",
-                     "--synthetic_image_size", "56", "--output_dir", str(out), "--max_steps", "2",
-                     "--num_generations", "2", "--prompts_per_step", "2", "--max_completion_length", "4",
-                     "--eval_steps", "1", "--eval_limit", "5")
+    result = run_cli(
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        "synthetic",
+        "--dataset_limit",
+        "32",
+        "--synthetic_image_size",
+        "56",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--num_generations",
+        "2",
+        "--prompts_per_step",
+        "2",
+        "--max_completion_length",
+        "4",
+        "--eval_steps",
+        "1",
+        "--eval_limit",
+        "5",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in rows) and len(rows) == 2
 
 
 def test_held_out_rows_differ_from_training_rows(tmp_path):
-    cfg = train.parse_config(["--dataset", "synthetic", "--eval_steps", "1", "--eval_limit", "8",
-                              "--synthetic_image_size", "56"])
+    cfg = train.parse_config(
+        [
+            "--dataset",
+            "synthetic",
+            "--eval_steps",
+            "1",
+            "--eval_limit",
+            "8",
+            "--synthetic_image_size",
+            "56",
+        ]
+    )
     held_out = train.held_out_examples(cfg)
     training = demo.synthetic_dataset(8, cfg.seed, tuple(cfg.synthetic_tasks), 56)
     assert len(held_out) == 8
-    assert all(h["image"].tobytes() != training[i]["image"].tobytes() for i, h in enumerate(held_out))
+    assert all(
+        h["image"].tobytes() != training[i]["image"].tobytes() for i, h in enumerate(held_out)
+    )
     with pytest.raises(ValueError, match="--eval_dataset"):
         train.held_out_examples(train.parse_config(["--dataset", "x.jsonl", "--eval_steps", "1"]))
