@@ -273,7 +273,8 @@ def load_for_eval(cfg, device):
     model, processor = policy.load_base_model(cfg.model, device, cfg.load_in_4bit)
     if cfg.adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, cfg.adapter)
+        with policy.quiet_peft():
+            model = PeftModel.from_pretrained(model, cfg.adapter)
         if not cfg.load_in_4bit:
             model = model.merge_and_unload()  # exact in fp32/bf16, and faster generation
     return model.eval(), processor

@@ -5,6 +5,7 @@ batch and vision layout: how to cut it into micro-batches (each sequence keeps i
 padding, and build the model's forward inputs. Shapes: see grpo.py.
 """
 
+import contextlib
 import dataclasses
 import warnings
 from typing import NamedTuple
@@ -78,6 +79,15 @@ def load_base_model(name, device, load_in_4bit=False, flag="--model"):
     return model, processor
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model:
+    a FutureWarning on every run that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+        yield
+
+
 def add_lora(model, r, alpha, dropout=0.0, train_vision=False, gradient_checkpointing=True):
     """A fresh LoRA adapter on the language model; with `train_vision`, a trainable copy of the
     vision tower that `disable_adapter()` swaps back (detail 5)."""
@@ -85,8 +95,7 @@ def add_lora(model, r, alpha, dropout=0.0, train_vision=False, gradient_checkpoi
 
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LM_LORA_TARGETS,
                       modules_to_save=["visual"] if train_vision else None)
-    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias
-        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+    with quiet_peft():
         model = get_peft_model(model, lora)
     if gradient_checkpointing:
         model.activation_checkpointing_enable(
