@@ -14,26 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_script_runs_every_variant():
     done = subprocess.run(
         [
-            sys.executable,
-            str(ROOT / "benchmarks" / "grpo_step.py"),
-            "--tiny",
-            "--steps",
-            "1",
-            "--prompts",
-            "2",
-            "--G",
-            "2",
-            "--completion_tokens",
-            "4",
-            "--image_side",
-            "56",
-            "--micro_batch_size",
-            "4",
+            sys.executable, str(ROOT / "benchmarks" / "grpo_step.py"), "--tiny", "--steps", "1",
+            "--prompts", "2", "--G", "2", "--completion_tokens", "4", "--image_side", "56",
+            "--micro_batch_size", "4",
         ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

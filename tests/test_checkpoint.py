@@ -16,55 +16,19 @@ from cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = (
-    "reward",
-    "reward_std",
-    "loss",
-    "kl",
-    "grad_norm",
-    "learning_rate",
-    "completions/mean_length",
-    "rewards/length/mean",
-    "rewards/format/mean",
-    "clip_ratio/low_mean",
-    "clip_ratio/high_mean",
+    "reward", "reward_std", "loss", "kl", "grad_norm", "learning_rate", "completions/mean_length",
+    "rewards/length/mean", "rewards/format/mean", "clip_ratio/low_mean", "clip_ratio/high_mean",
 )
 
 
 def run_args(model_dir, out, reward_file, **extra):
     args = [
-        "--model",
-        model_dir,
-        "--dataset",
-        "synthetic",
-        "--dataset_limit",
-        "64",
-        "--synthetic_image_size",
-        "56",
-        "--output_dir",
-        str(out),
-        "--num_generations",
-        "4",
-        "--prompts_per_step",
-        "2",
-        "--micro_batch_size",
-        "4",
-        "--max_completion_length",
-        "6",
-        "--lora_r",
-        "4",
-        "--lora_alpha",
-        "8",
-        "--learning_rate",
-        "1e-2",
-        "--beta",
-        "0.04",
-        "--num_iterations",
-        "2",
-        "--reward_funcs",
-        "format",
-        f"{reward_file}:length",
-        "--log_samples_steps",
-        "1",
+        "--model", model_dir, "--dataset", "synthetic", "--dataset_limit", "64",
+        "--synthetic_image_size", "56", "--output_dir", str(out), "--num_generations", "4",
+        "--prompts_per_step", "2", "--micro_batch_size", "4", "--max_completion_length", "6",
+        "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--beta", "0.04",
+        "--num_iterations", "2", "--reward_funcs", "format", f"{reward_file}:length",
+        "--log_samples_steps", "1",
     ]
     for key, value in extra.items():
         args += [f"--{key}"] + ([] if value is True else [str(value)])
@@ -82,11 +46,8 @@ def reward_file(tmp_path):
 
 def start(args):
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )
 
 
@@ -127,9 +88,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, tiny_model_dir, reward
 
 def test_interrupted_checkpoint_writes_are_ignored(tmp_path):
     for name, complete in [
-        ("checkpoint-2", True),
-        ("checkpoint-4", False),
-        (".tmp-checkpoint-6", True),
+        ("checkpoint-2", True), ("checkpoint-4", False), (".tmp-checkpoint-6", True),
         ("checkpoint-10", True),
     ]:
         (tmp_path / name).mkdir()
@@ -141,16 +100,8 @@ def test_interrupted_checkpoint_writes_are_ignored(tmp_path):
 def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     cfg = train.parse_config(
         [
-            "--model",
-            tiny_model_dir,
-            "--output_dir",
-            str(tmp_path),
-            "--save_total_limit",
-            "2",
-            "--lora_r",
-            "2",
-            "--lora_alpha",
-            "4",
+            "--model", tiny_model_dir, "--output_dir", str(tmp_path), "--save_total_limit", "2",
+            "--lora_r", "2", "--lora_alpha", "4",
         ]
     )
     model, _ = train.load_model(cfg, torch.device("cpu"))
@@ -167,15 +118,8 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     cfg = train.parse_config(
         [
-            "--model",
-            tiny_model_dir,
-            "--dataset",
-            "synthetic",
-            "--dataset_limit",
-            "16",
-            "--output_dir",
-            str(tmp_path),
-            "--resume",
+            "--model", tiny_model_dir, "--dataset", "synthetic", "--dataset_limit", "16",
+            "--output_dir", str(tmp_path), "--resume",
         ]
     )
     with pytest.raises(UserError, match="no complete checkpoint"):
@@ -227,9 +171,7 @@ def test_a_non_finite_loss_is_skipped_and_counted(
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3, save_steps=0))
     rows = metrics(out)
     assert [m["nonfinite_steps"] for m in rows] == [
-        0,
-        2,
-        2,
+        0, 2, 2,
     ]  # both updates of step 2 skipped, then training goes on
     assert all(
         torch.isfinite(p).all()

@@ -15,12 +15,7 @@ def test_question_text_and_prompt_are_the_papers():
     )
     assert data.question_text("Where?", ["left", "right"]).endswith("options: left or right")
     ex = data.make_example(
-        Image.new("RGB", (56, 56)),
-        "Where?",
-        ["left", "right"],
-        "left",
-        random.Random(0),
-        3136,
+        Image.new("RGB", (56, 56)), "Where?", ["left", "right"], "left", random.Random(0), 3136,
         401408,
     )
     assert ex["prompt"] == (
@@ -43,8 +38,7 @@ def test_fit_image_respects_the_pixel_budget_and_the_28_pixel_grid():
 @pytest.mark.parametrize(
     "bad,message",
     [
-        (dict(answer="up"), "not among the choices"),
-        (dict(choices=["left"]), "at least 2"),
+        (dict(answer="up"), "not among the choices"), (dict(choices=["left"]), "at least 2"),
         (dict(question=""), "question is empty"),
     ],
 )
@@ -52,13 +46,8 @@ def test_make_example_rejects_bad_rows(bad, message):
     row = dict(question="Where?", choices=["left", "right"], answer="left") | bad
     with pytest.raises(ValueError, match=message):
         data.make_example(
-            Image.new("RGB", (56, 56)),
-            row["question"],
-            row["choices"],
-            row["answer"],
-            random.Random(0),
-            3136,
-            401408,
+            Image.new("RGB", (56, 56)), row["question"], row["choices"], row["answer"],
+            random.Random(0), 3136, 401408,
         )
 
 
@@ -76,11 +65,9 @@ def make_sat_folder(root, rows):
 
     features = datasets.Features(
         {
-            "image_bytes": datasets.List(datasets.Image()),
-            "question": datasets.Value("string"),
+            "image_bytes": datasets.List(datasets.Image()), "question": datasets.Value("string"),
             "answers": datasets.List(datasets.Value("string")),
-            "question_type": datasets.Value("string"),
-            "correct_answer": datasets.Value("string"),
+            "question_type": datasets.Value("string"), "correct_answer": datasets.Value("string"),
         }
     )
     ds = datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features)
@@ -93,24 +80,17 @@ def sat_rows():
     return [
         dict(
             image_bytes=[{"bytes": _png_bytes()}],
-            question="Is the cup left or right of the plate?",
-            answers=["left", "right"],
-            question_type="other_static",
-            correct_answer="right",
+            question="Is the cup left or right of the plate?", answers=["left", "right"],
+            question_type="other_static", correct_answer="right",
         ),
         dict(
             image_bytes=[{"bytes": _png_bytes()}, {"bytes": _png_bytes()}],
-            question="Did the camera move?",
-            answers=["yes", "no"],
-            question_type="ego_movement",
+            question="Did the camera move?", answers=["yes", "no"], question_type="ego_movement",
             correct_answer="yes",
         ),
         dict(
-            image_bytes=[{"bytes": _png_bytes((2000, 1500), "blue")}],
-            question="How many chairs?",
-            answers=["1", "2", "3"],
-            question_type="count",
-            correct_answer="2",
+            image_bytes=[{"bytes": _png_bytes((2000, 1500), "blue")}], question="How many chairs?",
+            answers=["1", "2", "3"], question_type="count", correct_answer="2",
         ),
     ]
 
@@ -164,9 +144,7 @@ def test_jsonl_loads_relative_images(tmp_path):
         tmp_path / "task.jsonl",
         [
             {
-                "image": "a.png",
-                "question": "What color?",
-                "choices": ["green", "red"],
+                "image": "a.png", "question": "What color?", "choices": ["green", "red"],
                 "answer": "green",
             }
         ],

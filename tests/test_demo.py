@@ -22,9 +22,7 @@ def test_synthetic_is_deterministic_and_valid_for_every_task():
     for i in range(40):
         x, y = a[i], b[i]
         assert (x["question"], x["answer"], x["choices"]) == (
-            y["question"],
-            y["answer"],
-            y["choices"],
+            y["question"], y["answer"], y["choices"],
         )
         assert x["image"].tobytes() == y["image"].tobytes()
         assert x["answer"] in x["choices"] and 2 <= len(x["choices"]) <= 4
@@ -58,10 +56,7 @@ def demo_run(tmp_path_factory):
     start = time.time()
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--demo", "--output_dir", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -28,9 +28,7 @@ def write_task(folder, rows=6, changes=None):
     for i in range(1, rows + 1):
         Image.new("RGB", (56, 56), ["red", "blue"][i % 2]).save(folder / f"{i}.png")
         row = {
-            "image": f"{i}.png",
-            "question": "What color is it?",
-            "choices": ["red", "blue"],
+            "image": f"{i}.png", "question": "What color is it?", "choices": ["red", "blue"],
             "answer": ["red", "blue"][i % 2],
         }
         if i in changes and changes[i] is None:
@@ -113,16 +111,8 @@ def test_every_row_is_checked_before_the_model_loads(case, tmp_path, capsys, mon
     (tmp_path / "task" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "task" / "sub").mkdir()
     status, err = run_train(
-        capsys,
-        monkeypatch,
-        "--model",
-        NO_MODEL,
-        "--dataset",
-        task,
-        "--prompts_per_step",
-        "2",
-        "--output_dir",
-        str(tmp_path / "out"),
+        capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task, "--prompts_per_step", "2",
+        "--output_dir", str(tmp_path / "out"),
     )
     assert status == 2 and message in one_error_line(err)
 
@@ -130,40 +120,19 @@ def test_every_row_is_checked_before_the_model_loads(case, tmp_path, capsys, mon
 def test_dataset_sizes_and_resume_are_checked_before_the_model(tmp_path, capsys, monkeypatch):
     (tmp_path / "empty.jsonl").write_text("\n")
     status, err = run_train(
-        capsys,
-        monkeypatch,
-        "--model",
-        NO_MODEL,
-        "--dataset",
-        str(tmp_path / "empty.jsonl"),
-        "--output_dir",
-        str(tmp_path / "o"),
+        capsys, monkeypatch, "--model", NO_MODEL, "--dataset", str(tmp_path / "empty.jsonl"),
+        "--output_dir", str(tmp_path / "o"),
     )
     assert status == 2 and "empty.jsonl: no rows" in one_error_line(err)
     task = write_task(tmp_path / "task", rows=3)
     status, err = run_train(
-        capsys,
-        monkeypatch,
-        "--model",
-        NO_MODEL,
-        "--dataset",
-        task,
-        "--output_dir",
-        str(tmp_path / "o"),
+        capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task,
+        "--output_dir", str(tmp_path / "o"),
     )
     assert "3 rows, fewer than one batch of 8" in one_error_line(err)
     status, err = run_train(
-        capsys,
-        monkeypatch,
-        "--model",
-        NO_MODEL,
-        "--dataset",
-        task,
-        "--prompts_per_step",
-        "2",
-        "--resume",
-        "--output_dir",
-        str(tmp_path / "o"),
+        capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task, "--prompts_per_step", "2",
+        "--resume", "--output_dir", str(tmp_path / "o"),
     )
     assert "--resume: no complete checkpoint" in one_error_line(err)
 
@@ -172,28 +141,15 @@ def test_a_reward_file_that_does_not_compile_is_named(tmp_path, capsys, monkeypa
     bad = tmp_path / "mine.py"
     bad.write_text("def f(completion, example):\n    return 1 +\n")
     status, err = run_train(
-        capsys,
-        monkeypatch,
-        "--model",
-        NO_MODEL,
-        "--reward_funcs",
-        f"{bad}:f",
-        "--output_dir",
-        str(tmp_path / "o"),
+        capsys, monkeypatch, "--model", NO_MODEL, "--reward_funcs", f"{bad}:f",
+        "--output_dir", str(tmp_path / "o"),
     )
     assert f"{bad}:2: SyntaxError" in one_error_line(err)
     good = tmp_path / "other.py"
     good.write_text("def format(completion, example):\n    return 1.0\n")
     status, err = run_train(
-        capsys,
-        monkeypatch,
-        "--model",
-        NO_MODEL,
-        "--reward_funcs",
-        "format",
-        f"{good}:format",
-        "--output_dir",
-        str(tmp_path / "o"),
+        capsys, monkeypatch, "--model", NO_MODEL, "--reward_funcs", "format", f"{good}:format",
+        "--output_dir", str(tmp_path / "o"),
     )
     assert "two rewards are named 'format'" in one_error_line(err)
 
@@ -219,18 +175,8 @@ def test_a_prompt_over_max_prompt_length_is_named_before_the_model(
 ):
     task = write_task(tmp_path / "task")
     status, err = run_train(
-        capsys,
-        monkeypatch,
-        "--model",
-        tiny_model_dir,
-        "--dataset",
-        task,
-        "--prompts_per_step",
-        "2",
-        "--max_prompt_length",
-        "20",
-        "--output_dir",
-        str(tmp_path / "o"),
+        capsys, monkeypatch, "--model", tiny_model_dir, "--dataset", task,
+        "--prompts_per_step", "2", "--max_prompt_length", "20", "--output_dir", str(tmp_path / "o"),
     )
     assert "row 1's prompt is" in one_error_line(err) and "--max_prompt_length 20" in err
 
@@ -247,16 +193,10 @@ def test_the_real_command_lines_print_one_line(tmp_path):
     procs = [
         subprocess.Popen(
             [
-                sys.executable,
-                str(ROOT / cmd[0]),
-                *cmd[1:],
-                "--output_dir",
-                str(tmp_path / f"out{i}"),
+                sys.executable, str(ROOT / cmd[0]), *cmd[1:],
+                "--output_dir", str(tmp_path / f"out{i}"),
             ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         )
         for i, (cmd, _) in enumerate(commands)
     ]

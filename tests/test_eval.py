@@ -69,9 +69,7 @@ def test_text_options_without_letters():
 
 def cvbench_rows(n=6):
     tasks = [
-        ("2D", "Count", "ADE20K"),
-        ("2D", "Relation", "COCO"),
-        ("3D", "Depth", "Omni3D"),
+        ("2D", "Count", "ADE20K"), ("2D", "Relation", "COCO"), ("3D", "Depth", "Omni3D"),
         ("3D", "Distance", "Omni3D"),
     ]
     rows = []
@@ -84,21 +82,10 @@ def cvbench_rows(n=6):
         )
         rows.append(
             dict(
-                idx=i,
-                type=kind,
-                task=task,
-                image={"bytes": _png()},
-                question="q",
-                choices=choices,
-                answer="(A)",
-                prompt=prompt,
-                filename=f"img/{i}.png",
-                source=source,
-                source_dataset=source,
-                source_filename=f"{i}.png",
-                target_class=None,
-                target_size=None,
-                bbox=None,
+                idx=i, type=kind, task=task, image={"bytes": _png()}, question="q", choices=choices,
+                answer="(A)", prompt=prompt, filename=f"img/{i}.png", source=source,
+                source_dataset=source, source_filename=f"{i}.png", target_class=None,
+                target_size=None, bbox=None,
             )
         )
     return rows
@@ -117,19 +104,13 @@ def write_cvbench(root, layout):
 
     features = datasets.Features(
         {
-            "idx": datasets.Value("int32"),
-            "type": datasets.Value("string"),
-            "task": datasets.Value("string"),
-            "image": datasets.Image(),
+            "idx": datasets.Value("int32"), "type": datasets.Value("string"),
+            "task": datasets.Value("string"), "image": datasets.Image(),
             "question": datasets.Value("string"),
-            "choices": datasets.List(datasets.Value("string")),
-            "answer": datasets.Value("string"),
-            "prompt": datasets.Value("string"),
-            "filename": datasets.Value("string"),
-            "source": datasets.Value("string"),
-            "source_dataset": datasets.Value("string"),
-            "source_filename": datasets.Value("string"),
-            "target_class": datasets.Value("string"),
+            "choices": datasets.List(datasets.Value("string")), "answer": datasets.Value("string"),
+            "prompt": datasets.Value("string"), "filename": datasets.Value("string"),
+            "source": datasets.Value("string"), "source_dataset": datasets.Value("string"),
+            "source_filename": datasets.Value("string"), "target_class": datasets.Value("string"),
             "target_size": datasets.Value("int64"),
             "bbox": datasets.List(datasets.Value("float32")),
         }
@@ -162,10 +143,7 @@ def test_both_hub_layouts_load(tmp_path, layout):
 
 def run_eval(*args):
     return subprocess.run(
-        [sys.executable, str(ROOT / "eval.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "eval.py"), *args], capture_output=True, text=True, cwd=ROOT,
         timeout=600,
     )
 
@@ -176,16 +154,8 @@ def test_the_command_on_the_tiny_model_and_resume(tmp_path, tiny_model_dir, layo
     source = write_cvbench(tmp_path / "cvbench", layout)
     out = tmp_path / "eval"
     args = [
-        "--model",
-        tiny_model_dir,
-        "--dataset",
-        source,
-        "--output_dir",
-        str(out),
-        "--max_new_tokens",
-        "5",
-        "--batch_size",
-        "4",
+        "--model", tiny_model_dir, "--dataset", source, "--output_dir", str(out),
+        "--max_new_tokens", "5", "--batch_size", "4",
     ]
     result = run_eval(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -195,14 +165,7 @@ def test_the_command_on_the_tiny_model_and_resume(tmp_path, tiny_model_dir, layo
     )
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["strict"]) == {
-        "micro",
-        "official",
-        "2D",
-        "3D",
-        "Count",
-        "Relation",
-        "Depth",
-        "Distance",
+        "micro", "official", "2D", "3D", "Count", "Relation", "Depth", "Distance",
     }
     assert summary["n"] == 6 and "lenient" in summary and "official" in result.stdout
 
@@ -225,33 +188,16 @@ def test_sat_benchmark_and_an_adapter(tmp_path, tiny_model_dir):
     source = make_sat_folder(tmp_path / "sat", sat_rows())
     cfg = train.parse_config(
         [
-            "--model",
-            tiny_model_dir,
-            "--output_dir",
-            str(tmp_path / "a"),
-            "--lora_r",
-            "2",
-            "--lora_alpha",
-            "4",
+            "--model", tiny_model_dir, "--output_dir", str(tmp_path / "a"), "--lora_r", "2",
+            "--lora_alpha", "4",
         ]
     )
     model, _ = train.load_model(cfg, train.torch.device("cpu"))
     model.save_pretrained(tmp_path / "adapter")
     result = run_eval(
-        "--model",
-        tiny_model_dir,
-        "--adapter",
-        str(tmp_path / "adapter"),
-        "--benchmark",
-        "sat",
-        "--dataset",
-        source,
-        "--split",
-        "train",
-        "--output_dir",
-        str(tmp_path / "e"),
-        "--max_new_tokens",
-        "4",
+        "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--benchmark", "sat",
+        "--dataset", source, "--split", "train", "--output_dir", str(tmp_path / "e"),
+        "--max_new_tokens", "4",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())

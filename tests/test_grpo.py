@@ -178,19 +178,12 @@ def test_huge_log_prob_gaps_past_eos_give_a_finite_loss_and_gradient():
     old = torch.tensor([[-1.0, 50.0], [-2.0, -0.5]])  # a ratio of exp(-150) there too
     mask = torch.tensor([[1, 0], [1, 1]])
     for loss_type, kwargs in [
-        ("grpo", {}),
-        ("bnpo", {}),
-        ("dapo", {"num_tokens": 3}),
+        ("grpo", {}), ("bnpo", {}), ("dapo", {"num_tokens": 3}),
         ("dr_grpo", {"max_completion_length": 2}),
     ]:
         for old_logp in (None, old):
             loss, stats = grpo.policy_loss(
-                logp,
-                old_logp,
-                ref,
-                torch.tensor([1.0, -1.0]),
-                mask,
-                beta=0.04,
+                logp, old_logp, ref, torch.tensor([1.0, -1.0]), mask, beta=0.04,
                 loss_type=loss_type,
                 **kwargs
             )
@@ -216,13 +209,8 @@ def test_micro_batch_losses_add_up_to_the_batch_loss(loss_type, kwargs, cuts):
     parts, start = 0.0, 0
     for n in cuts:
         part, _ = grpo.policy_loss(
-            logp[start : start + n],
-            old[start : start + n],
-            ref[start : start + n],
-            adv[start : start + n],
-            mask[start : start + n],
-            beta=0.04,
-            loss_type=loss_type,
+            logp[start : start + n], old[start : start + n], ref[start : start + n],
+            adv[start : start + n], mask[start : start + n], beta=0.04, loss_type=loss_type,
             **totals
         )
         parts, start = parts + part, start + n

@@ -16,28 +16,10 @@ import train
 
 def tiny_config(model_dir, tmp_path, **overrides):
     args = [
-        "--model",
-        model_dir,
-        "--dataset",
-        "synthetic",
-        "--dataset_limit",
-        "64",
-        "--synthetic_image_size",
-        "56",
-        "--output_dir",
-        str(tmp_path / "run"),
-        "--num_generations",
-        "2",
-        "--prompts_per_step",
-        "3",
-        "--micro_batch_size",
-        "6",
-        "--max_completion_length",
-        "6",
-        "--lora_r",
-        "4",
-        "--lora_alpha",
-        "8",
+        "--model", model_dir, "--dataset", "synthetic", "--dataset_limit", "64",
+        "--synthetic_image_size", "56", "--output_dir", str(tmp_path / "run"),
+        "--num_generations", "2", "--prompts_per_step", "3", "--micro_batch_size", "6",
+        "--max_completion_length", "6", "--lora_r", "4", "--lora_alpha", "8",
     ]
     for key, value in overrides.items():
         args += [f"--{key}"] + ([str(value)] if value is not True else [])
@@ -46,9 +28,7 @@ def tiny_config(model_dir, tmp_path, **overrides):
 
 def generation(processor, cfg):
     return policy.generation_config(
-        processor,
-        max_new_tokens=cfg.max_completion_length,
-        temperature=cfg.temperature,
+        processor, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
         top_k=cfg.top_k,
     )
 
@@ -72,10 +52,7 @@ def rollout(tiny_model_dir, tmp_path):
 
 def logps(model, rollout, cfg, micro_batch_size=None):
     return policy.rollout_logps(
-        model,
-        rollout,
-        micro_batch_size or cfg.micro_batch_size,
-        cfg.temperature,
+        model, rollout, micro_batch_size or cfg.micro_batch_size, cfg.temperature,
         cfg.logp_chunk_size,
     )
 
@@ -153,15 +130,8 @@ def test_update_changes_every_lora_weight_and_only_those(rollout, use_liger):
 def batch_gradients(model, batch, cfg, micro_batch_size, loss_type, use_liger=False):
     model.zero_grad(set_to_none=True)
     loss, stats = policy.accumulate_gradients(
-        model,
-        batch,
-        micro_batch_size,
-        cfg.temperature,
-        cfg.logp_chunk_size,
-        use_liger,
-        beta=0.04,
-        loss_type=loss_type,
-        max_completion_length=cfg.max_completion_length,
+        model, batch, micro_batch_size, cfg.temperature, cfg.logp_chunk_size, use_liger, beta=0.04,
+        loss_type=loss_type, max_completion_length=cfg.max_completion_length,
     )
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
@@ -205,13 +175,8 @@ def test_liger_fused_loss_matches_the_plain_path_in_loss_and_lora_gradients(roll
     )
     logp = policy.token_logps(model, batch, cfg.temperature)
     plain, plain_stats = grpo.policy_loss(
-        logp,
-        batch.old_logp,
-        batch.ref_logp,
-        batch.advantages,
-        batch.completion_mask,
-        num_tokens=num_tokens,
-        **kwargs,
+        logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask,
+        num_tokens=num_tokens, **kwargs,
     )
     torch.testing.assert_close(liger, plain, atol=1e-5, rtol=1e-4)
     for a, b in zip(torch.autograd.grad(liger, params), torch.autograd.grad(plain, params)):
@@ -237,9 +202,7 @@ def test_vision_inputs_follow_their_sequences_with_several_prompts(tiny_model_di
     enc = policy.encode_prompts(processor, examples, G)
     N = len(examples) * G
     batch = policy.Rollout.from_encoding(
-        enc,
-        torch.ones(N, 2, dtype=torch.long),
-        torch.ones(N, 2, dtype=torch.long),
+        enc, torch.ones(N, 2, dtype=torch.long), torch.ones(N, 2, dtype=torch.long),
         policy.special_tokens(processor).vision_start,
     )
     for start, end in [(0, 2), (1, 4), (2, 6), (5, 6)]:
@@ -259,8 +222,7 @@ def test_prompts_are_encoded_once_and_repeated_as_the_processor_would(tiny_model
     ]
     repeated = processor(
         text=[ex["prompt"] for ex in examples for _ in range(3)],
-        images=[ex["image"] for ex in examples for _ in range(3)],
-        padding=True,
+        images=[ex["image"] for ex in examples for _ in range(3)], padding=True,
         padding_side="left",
         return_tensors="pt",
     )

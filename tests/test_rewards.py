@@ -51,10 +51,8 @@ def test_accuracy_reward(completion, expected):
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("Wait, the red one is bigger.", True),
-        ("Let me re-check the positions.", True),
-        ("But I should reconsider this.", True),
-        ("On second thought it is left.", True),
+        ("Wait, the red one is bigger.", True), ("Let me re-check the positions.", True),
+        ("But I should reconsider this.", True), ("On second thought it is left.", True),
         ("The waiter is left of the table.", False),  # whole words only
         ("It is on the left.", False),
     ],
@@ -71,25 +69,18 @@ def test_score_completions_weights_parts_and_counts_errors():
         return float("nan")
 
     funcs = {
-        "format": rewards.format_reward,
-        "accuracy": rewards.accuracy_reward,
-        "broken": broken,
+        "format": rewards.format_reward, "accuracy": rewards.accuracy_reward, "broken": broken,
         "nan": nan_reward,
     }
     weights = {"format": 0.5, "accuracy": 2.0, "broken": 1.0, "nan": 1.0}
     total, parts, errors = rewards.score_completions(
-        ["</think><answer>left</answer>", "</think><answer>right</answer>", "left"],
-        [EX] * 3,
-        funcs,
-        weights,
+        ["</think><answer>left</answer>", "</think><answer>right</answer>", "left"], [EX] * 3,
+        funcs, weights,
     )
     assert total == [2.5, 0.5, 2.0]
     assert parts["format"] == [1.0, 1.0, 0.0] and parts["accuracy"] == [1.0, 0.0, 1.0]
     assert parts["broken"] == [0.0, 0.0, 0.0] and errors == {
-        "format": 0,
-        "accuracy": 0,
-        "broken": 3,
-        "nan": 3,
+        "format": 0, "accuracy": 0, "broken": 3, "nan": 3,
     }
 
 

@@ -15,31 +15,10 @@ from test_errors import write_task
 
 def args(model_dir, out, *extra):
     return [
-        "--model",
-        model_dir,
-        "--dataset",
-        "synthetic",
-        "--dataset_limit",
-        "32",
-        "--synthetic_image_size",
-        "56",
-        "--output_dir",
-        str(out),
-        "--num_generations",
-        "2",
-        "--prompts_per_step",
-        "2",
-        "--max_completion_length",
-        "4",
-        "--lora_r",
-        "4",
-        "--lora_alpha",
-        "8",
-        "--save_steps",
-        "1",
-        "--max_steps",
-        "2",
-        *extra,
+        "--model", model_dir, "--dataset", "synthetic", "--dataset_limit", "32",
+        "--synthetic_image_size", "56", "--output_dir", str(out), "--num_generations", "2",
+        "--prompts_per_step", "2", "--max_completion_length", "4", "--lora_r", "4",
+        "--lora_alpha", "8", "--save_steps", "1", "--max_steps", "2", *extra,
     ]
 
 
@@ -94,8 +73,7 @@ def test_a_row_that_breaks_mid_run_is_skipped_and_counted(
     real = data.verified_size
     # the check passed; the file went bad afterwards (as if deleted or rewritten mid-run)
     monkeypatch.setattr(
-        data,
-        "verified_size",
+        data, "verified_size",
         lambda value: (56, 56) if str(value).endswith("3.png") else real(value),
     )
     (tmp_path / "task" / "3.png").write_bytes(b"gone bad")
@@ -103,14 +81,8 @@ def test_a_row_that_breaks_mid_run_is_skipped_and_counted(
     train.train(
         train.parse_config(
             args(
-                tiny_model_dir,
-                out,
-                "--dataset",
-                task,
-                "--prompts_per_step",
-                "4",
-                "--max_steps",
-                "2",
+                tiny_model_dir, out, "--dataset", task, "--prompts_per_step", "4",
+                "--max_steps", "2",
             )
         )
     )
@@ -142,15 +114,8 @@ def test_eval_scores_a_jsonl_task_and_refuses_other_settings_predictions(tmp_pat
     def run(*extra):
         return evaluation.main(
             [
-                "--model",
-                tiny_model_dir,
-                "--dataset",
-                task,
-                "--output_dir",
-                str(out),
-                "--max_new_tokens",
-                "3",
-                *extra,
+                "--model", tiny_model_dir, "--dataset", task, "--output_dir", str(out),
+                "--max_new_tokens", "3", *extra,
             ]
         )
 
@@ -164,16 +129,8 @@ def test_eval_scores_a_jsonl_task_and_refuses_other_settings_predictions(tmp_pat
     with pytest.raises(UserError, match="model, limit differ"):
         evaluation.main(
             [
-                "--model",
-                tiny_model_dir + "/",
-                "--dataset",
-                task,
-                "--output_dir",
-                str(out),
-                "--max_new_tokens",
-                "3",
-                "--limit",
-                "2",
+                "--model", tiny_model_dir + "/", "--dataset", task, "--output_dir", str(out),
+                "--max_new_tokens", "3", "--limit", "2",
             ]
         )
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 6  # kept

@@ -15,9 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_help_explains_every_flag():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--help"],
-        capture_output=True,
-        text=True,
+        [sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
         check=True,
     ).stdout
     for f in train.dataclasses.fields(train.Config):
@@ -56,11 +54,8 @@ def test_bad_flags_on_the_command_line_are_one_line(tmp_path):
 
 def run_cli(*args, timeout=600):
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+        timeout=timeout, cwd=ROOT,
     )
 
 
@@ -79,12 +74,8 @@ def test_bad_inputs_stop_before_training_with_a_clear_message(tmp_path, tiny_mod
         and "Traceback" not in result.stderr
     )
     result = run_cli(
-        "--model",
-        tiny_model_dir,
-        "--reward_funcs",
-        "nope.py:f",
-        "--output_dir",
-        str(tmp_path / "o"),
+        "--model", tiny_model_dir, "--reward_funcs", "nope.py:f",
+        "--output_dir", str(tmp_path / "o"),
     )
     assert result.returncode != 0 and "--reward_funcs 'nope.py:f'" in result.stderr
 
@@ -100,59 +91,21 @@ def test_end_to_end_command_line_on_the_tiny_model(tmp_path, tiny_model_dir):
     )  # a random model never earns format or accuracy: give it a signal
     reward_file.write_text("def length(completion, example):\n    return len(completion) / 10\n")
     result = run_cli(
-        "--model",
-        tiny_model_dir,
-        "--reward_funcs",
-        "format",
-        "accuracy",
-        f"{reward_file}:length",
-        "--dataset",
-        "synthetic",
-        "--dataset_limit",
-        "64",
-        "--synthetic_image_size",
-        "56",
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "3",
-        "--num_generations",
-        "4",
-        "--prompts_per_step",
-        "2",
-        "--micro_batch_size",
-        "3",
-        "--max_completion_length",
-        "8",
-        "--beta",
-        "0.04",
-        "--num_iterations",
-        "2",
-        "--log_samples_steps",
-        "2",
-        "--learning_rate",
-        "1e-2",
+        "--model", tiny_model_dir, "--reward_funcs", "format", "accuracy", f"{reward_file}:length",
+        "--dataset", "synthetic", "--dataset_limit", "64", "--synthetic_image_size", "56",
+        "--output_dir", str(out), "--max_steps", "3", "--num_generations", "4",
+        "--prompts_per_step", "2", "--micro_batch_size", "3", "--max_completion_length", "8",
+        "--beta", "0.04", "--num_iterations", "2", "--log_samples_steps", "2",
+        "--learning_rate", "1e-2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for key in [
-        "reward",
-        "reward_std",
-        "rewards/format/mean",
-        "rewards/accuracy/mean",
-        "rewards/length/mean",
-        "frac_reward_zero_std",
-        "completions/mean_length",
-        "completions/clipped_ratio",
-        "completions/reflection_ratio",
-        "kl",
-        "clip_ratio/low_mean",
-        "clip_ratio/high_mean",
-        "grad_norm",
-        "learning_rate",
-        "step_time",
-        "loss",
+        "reward", "reward_std", "rewards/format/mean", "rewards/accuracy/mean",
+        "rewards/length/mean", "frac_reward_zero_std", "completions/mean_length",
+        "completions/clipped_ratio", "completions/reflection_ratio", "kl", "clip_ratio/low_mean",
+        "clip_ratio/high_mean", "grad_norm", "learning_rate", "step_time", "loss",
     ]:
         assert all(key in m for m in metrics), key
     assert metrics[-1]["kl"] > 0.0  # the adapter moved away from the reference
@@ -172,28 +125,10 @@ def test_end_to_end_command_line_on_the_tiny_model(tmp_path, tiny_model_dir):
 def test_in_training_evaluation_logs_eval_accuracy(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     result = run_cli(
-        "--model",
-        tiny_model_dir,
-        "--dataset",
-        "synthetic",
-        "--dataset_limit",
-        "32",
-        "--synthetic_image_size",
-        "56",
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        "2",
-        "--num_generations",
-        "2",
-        "--prompts_per_step",
-        "2",
-        "--max_completion_length",
-        "4",
-        "--eval_steps",
-        "1",
-        "--eval_limit",
-        "5",
+        "--model", tiny_model_dir, "--dataset", "synthetic", "--dataset_limit", "32",
+        "--synthetic_image_size", "56", "--output_dir", str(out), "--max_steps", "2",
+        "--num_generations", "2", "--prompts_per_step", "2", "--max_completion_length", "4",
+        "--eval_steps", "1", "--eval_limit", "5",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -203,14 +138,8 @@ def test_in_training_evaluation_logs_eval_accuracy(tmp_path, tiny_model_dir):
 def test_held_out_rows_differ_from_training_rows(tmp_path):
     cfg = train.parse_config(
         [
-            "--dataset",
-            "synthetic",
-            "--eval_steps",
-            "1",
-            "--eval_limit",
-            "8",
-            "--synthetic_image_size",
-            "56",
+            "--dataset", "synthetic", "--eval_steps", "1", "--eval_limit", "8",
+            "--synthetic_image_size", "56",
         ]
     )
     held_out = train.held_out_examples(cfg)
