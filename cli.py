@@ -1,7 +1,7 @@
 """A dataclass as a command line, and user errors as one line.
 
 Each field of the dataclass is a flag; its metadata holds the help (`help`), and optionally
-`choices`, `nargs` / `const` (for an optional value), `min` (checked by `check_ranges`) and
+`choices`, `nargs` / `const` (for an optional value), `min` (both checked by `check_values`) and
 `default_help` (how --help shows the default). The element type of a flag comes from the
 annotation (`int`, `float`, `list[float]`, `str | None`...). Presets are named sets of values
 (the demo's) applied under the flags given, so `Config(**presets["demo"])` is `--demo`.
@@ -26,12 +26,15 @@ def flag(default, help, **metadata):
     return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
 
 
-def check_ranges(config):
-    """Each field whose metadata has `min` must not be below it."""
+def check_values(config):
+    """The `min` and `choices` of the fields' metadata, for a config made without the parser."""
     for f in dataclasses.fields(config):
-        value, low = getattr(config, f.name), f.metadata.get("min")
+        value, low, choices = (getattr(config, f.name), f.metadata.get("min"),
+                               f.metadata.get("choices"))
         if low is not None and value < low:
             raise UserError(f"--{f.name} must be at least {low}, got {value}")
+        if choices is not None and value not in choices:
+            raise UserError(f"--{f.name} must be one of {list(choices)}, got {value!r}")
 
 
 def _unwrap(annotation):

@@ -213,9 +213,9 @@ class EvalConfig:
     overwrite: bool = flag(False, "discard predictions of another model/data in --output_dir")
 
     def __post_init__(self):
+        cli.check_values(self)
         if self.dataset and self.dataset.endswith(".jsonl"):
             self.benchmark = "jsonl"
-        cli.check_ranges(self)
         if self.output_dir is None:
             name = Path(self.model.rstrip("/")).name
             if self.adapter:

@@ -217,7 +217,8 @@ def generate(model, processor, examples, gen_config, group_size=1, max_prompt_le
     enc = encode_prompts(processor, examples, group_size).to(model.device)
     P = enc["input_ids"].shape[1]
     if max_prompt_length and P > max_prompt_length:
-        raise UserError(f"a prompt is {P} tokens, over --max_prompt_length {max_prompt_length}")
+        raise UserError(f"a prompt is {P} tokens, over --max_prompt_length {max_prompt_length}; "
+                        "lower --max_pixels or raise --max_prompt_length")
     was_training = model.training
     model.eval()
     out = model.generate(**enc, generation_config=gen_config)     # (N, P + C) (detail 11)

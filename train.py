@@ -106,12 +106,7 @@ class Config:
     max_nonfinite_steps: int = flag(5, "stop after N consecutive non-finite steps", min=1)
 
     def __post_init__(self):
-        for name, choices in (("loss_type", grpo.LOSS_TYPES), ("scale_rewards", grpo.SCALES),
-                              ("lr_scheduler", ("linear", "constant"))):
-            if getattr(self, name) not in choices:
-                raise UserError(f"--{name} must be one of {list(choices)}, "
-                                f"got {getattr(self, name)!r}")
-        cli.check_ranges(self)
+        cli.check_values(self)
         if not self.temperature > 0:
             raise UserError("--temperature must be above 0 (GRPO samples; the log-probs "
                             "divide by it)")
@@ -150,11 +145,10 @@ def load_model(cfg, device, model_name=None):
 
 # --- data ---------------------------------------------------------------------------------------
 
-def load_dataset(cfg, source, split, limit, seed):
+def load_dataset(cfg, source, split, limit, seed, flag_name):
     if source == "synthetic":
         return demo.synthetic_dataset(limit, seed, tuple(cfg.synthetic_tasks),
                                       cfg.synthetic_image_size)
-    flag_name = "--dataset" if source == cfg.dataset else "--eval_dataset"
     return data.load_examples(source, split, limit, seed, cfg.min_pixels, cfg.max_pixels,
                               flag_name)
 
@@ -171,7 +165,8 @@ def held_out_examples(cfg):
     else:
         raise UserError("--eval_steps with a .jsonl --dataset needs --eval_dataset "
                         "(a held-out .jsonl)")
-    examples = load_dataset(cfg, source, split, cfg.eval_limit, seed)
+    flag_name = "--eval_dataset" if cfg.eval_dataset else "--dataset"
+    examples = load_dataset(cfg, source, split, cfg.eval_limit, seed, flag_name)
     data.check_rows(examples, "checking held-out rows")
     return evaluation.choice_items(examples, "held-out", source)
 
@@ -232,15 +227,17 @@ def optimizer_step(params, optimizer, scheduler, loss, max_grad_norm):
 
 
 def update(model, optimizer, scheduler, rollout, cfg):
-    """--num_iterations optimizer updates on one generation batch. Returns the loss stats
-    (averaged), the gradient norm and how many updates were skipped as non-finite."""
+    """--num_iterations optimizer updates on one generation batch. Returns the loss stats and
+    the gradient norm (means over the updates) and how many were skipped as non-finite."""
     params = [p for p in model.parameters() if p.requires_grad]
     losses, grad_norms, stats = [], [], {}
-    for _ in range(cfg.num_iterations):
-        loss, stats = policy.accumulate_gradients(
+    for iteration in range(cfg.num_iterations):
+        loss, iteration_stats = policy.accumulate_gradients(
             model, rollout, cfg.micro_batch_size, cfg.temperature, cfg.logp_chunk_size,
             cfg.use_liger, beta=cfg.beta, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
             loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+        for key, value in iteration_stats.items():  # the mean over the iterations
+            stats[key] = stats.get(key, 0.0) + value / cfg.num_iterations
         grad_norm = optimizer_step(params, optimizer, scheduler, loss, cfg.max_grad_norm)
         losses.append(loss)
         if grad_norm is not None:
@@ -472,7 +469,8 @@ def train(cfg):
     reward_funcs, weights = rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = data.writable_dir(cfg.output_dir, "--output_dir")
     prepare_output_dir(out, cfg)
-    dataset = load_dataset(cfg, cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed)
+    dataset = load_dataset(cfg, cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
+                           "--dataset")
     prompt_rows = data.check_rows(dataset)
     held_out = held_out_examples(cfg) if cfg.eval_steps else []
     sampler = data.PromptSampler(len(dataset), cfg.prompts_per_step, cfg.seed)

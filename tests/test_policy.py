@@ -230,3 +230,14 @@ def test_prompts_are_encoded_once_and_repeated_as_the_processor_would(tiny_model
     assert set(encoded) == set(repeated)
     for key in repeated:
         assert torch.equal(encoded[key], repeated[key]), key
+
+
+def test_update_reports_the_mean_of_its_iterations_stats(rollout, monkeypatch):
+    cfg, model, processor, batch, texts, examples = rollout
+    cfg = train.dataclasses.replace(cfg, num_iterations=2)
+    calls = iter([(0.5, {"kl": 1.0}), (1.5, {"kl": 3.0})])
+    monkeypatch.setattr(policy, "accumulate_gradients", lambda *args, **kwargs: next(calls))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    stats = train.update(model, optimizer, scheduler, batch, cfg)
+    assert stats["kl"] == 2.0 and stats["loss"] == 1.0 and stats["nonfinite"] == 0
