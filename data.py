@@ -1,14 +1,20 @@
-"""Dataset rows, the paper's prompt and images. No model, no processor.
+"""Dataset rows, prompts, images and boxes. No model, no processor.
 
-Every dataset is a lazy sequence of example dicts: `image` (PIL, resized for the model),
-`question` (the text the model sees), `choices` (option texts, shuffled with a seed), `answer`
-(the gold option text), `prompt` (the full prompt, image placeholder first). An image is decoded
-when its row is used; `check_rows` reads every row once before training, without decoding pixels.
+Every dataset is a lazy sequence of example dicts. All have `image` (PIL, resized for the model),
+`task_type`, `question` (the text the model sees) and `prompt` (the full prompt). By task type:
+  choice  `choices` (option texts, shuffled with a seed), `answer` (the gold option text)
+  rec     `phrase`, `box` (the gold [x1, y1, x2, y2] in the frame the model answers in)
+  ovd     `labels` (categories asked for), `boxes` ([{"bbox_2d": [...], "label": ...}], same frame)
+Grounding rows also keep `gold_box` / `gold_boxes` in original-image pixels, `original_size` and
+`frame_size`, to map answers back (see `scale_box`). An image is decoded when its row is used;
+`check_rows` reads every row once before training, without decoding pixels.
 
-Sources: SAT from the hub (`array/SAT`) or a local folder of the same schema, and a JSONL file of
-a user's own task. (The synthetic set of the offline demo lives in demo.py.)
+Sources: SAT (`array/SAT`) and RefCOCO (`lmms-lab/RefCOCO`, `RefCOCOplus`, `RefCOCOg`) from the
+hub or a local folder of their schema, and JSONL files of a user's own task (choice, rec or ovd
+rows). (The synthetic sets of the offline demos live in demo.py.)
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -35,11 +41,37 @@ PATCH_FACTOR = 28  # one LLM token per 28x28 pixels (14-pixel patches, merged 2x
 MIN_PIXELS, MAX_PIXELS = 3136, 401408  # the paper's: at least 4, at most 512 visual tokens
 
 
+# VLM-R1's grounding questions (REFERENCE.md section 9). Detection asks in their evaluation's
+# words, with the answer format of their odLength task spelled out.
+REC_QUESTION = ("Please provide the bounding box coordinate of the region this sentence "
+                "describes: {phrase}. First output the thinking process in <think> </think> tags "
+                "and then output the final answer in <answer> </answer> tags. Output the final "
+                "answer in JSON format.")
+OVD_QUESTION = ("Please carefully check the image and detect the following objects: {labels}. "
+                "First output the thinking process in <think> </think> tags and then output the "
+                "final answer in <answer> </answer> tags: a JSON list of "
+                '{{"bbox_2d": [x1, y1, x2, y2], "label": "name"}}, or [] if there are none.')
+TASK_FIELDS = {"choice": ("question", "choices", "answer"), "rec": ("phrase", "box"),
+               "ovd": ("labels", "boxes")}
+# The frame a model answers boxes in (REFERENCE.md sections 6, 9): Qwen2.5-VL in pixels of the
+# resized image it sees, Qwen2-VL in 0-1000 of the image's width and height.
+FRAMES = ("pixels", "norm1000")
+
+
 def question_text(question, choices):
     """The paper's question: `Answer in natural language. {q} Choose between the following
     options: a, b or c`."""
     options = choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
     return f"Answer in natural language. {question} Choose between the following options: {options}"
+
+
+def task_type(fields):
+    """choice, rec or ovd, from which fields a row has."""
+    for task, names in TASK_FIELDS.items():
+        if names[0] in fields:
+            return task
+    raise ValueError("the row has none of the fields of a task: "
+                     + "; ".join(f"{t}: {list(n)}" for t, n in TASK_FIELDS.items()))
 
 
 def fitted_size(width, height, min_pixels, max_pixels):
@@ -61,26 +93,119 @@ def fit_image(image, min_pixels, max_pixels):
     return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
-def check_fields(question, choices, answer):
-    """A row's text fields, as the prompt needs them."""
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("the question is empty or not a string")
-    if (not isinstance(choices, (list, tuple)) or len(choices) < 2
-            or not all(isinstance(c, str) and c.strip() for c in choices)):
-        raise ValueError(f"choices must be a list of at least 2 non-empty strings, got {choices!r}")
-    if answer not in choices:
-        raise ValueError(f"the answer {answer!r} is not among the choices {list(choices)}")
+def frame_size(frame, image_size):
+    """(width, height) of the frame boxes are written in, for an image of `image_size` as the
+    model sees it."""
+    return tuple(image_size) if frame == "pixels" else (1000, 1000)
 
 
-def make_example(image, question, choices, answer, rng, min_pixels, max_pixels):
-    """Validate one row and build its example dict. `rng` shuffles the options (None: keep)."""
-    check_fields(question, choices, answer)
-    choices = list(choices)
-    if rng is not None:
-        rng.shuffle(choices)
-    text = question_text(question, choices)
-    return {"image": fit_image(image, min_pixels, max_pixels), "question": text,
-            "choices": choices, "answer": answer, "prompt": PROMPT_TEMPLATE.format(question=text)}
+def scale_box(box, from_size, to_size):
+    """[x1, y1, x2, y2] from a frame of `from_size` (width, height) to one of `to_size`."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
+def check_box(box, size, what="box"):
+    """4 finite numbers x1 < x2, y1 < y2, inside an image of `size` (1 pixel of slack)."""
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(isinstance(v, (int, float)) and v == v for v in box)):
+        raise ValueError(f"{what} must be [x1, y1, x2, y2], 4 numbers, got {box!r}")
+    x1, y1, x2, y2 = box
+    if not (x1 < x2 and y1 < y2):
+        raise ValueError(f"{what} {list(box)} needs x1 < x2 and y1 < y2 (corners, not [x, y, w, "
+                         "h])")
+    if size and (min(x1, y1) < -1 or x2 > size[0] + 1 or y2 > size[1] + 1):
+        raise ValueError(f"{what} {list(box)} lies outside the {size[0]}x{size[1]} image")
+
+
+def check_fields(fields, size=None):
+    """A row's fields, as its task needs them; `size` (width, height) of its image. Returns the
+    task type."""
+    task = task_type(fields)
+    missing = [k for k in TASK_FIELDS[task] if k not in fields]
+    if missing:
+        raise ValueError(f"a {task} row needs the field(s) {missing}")
+    if task == "choice":
+        question, choices = fields["question"], fields["choices"]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("the question is empty or not a string")
+        if (not isinstance(choices, (list, tuple)) or len(choices) < 2
+                or not all(isinstance(c, str) and c.strip() for c in choices)):
+            raise ValueError(f"choices must be a list of at least 2 non-empty strings, got "
+                             f"{choices!r}")
+        if fields["answer"] not in choices:
+            raise ValueError(f"the answer {fields['answer']!r} is not among the choices "
+                             f"{list(choices)}")
+    elif task == "rec":
+        if not isinstance(fields["phrase"], str) or not fields["phrase"].strip():
+            raise ValueError("the phrase is empty or not a string")
+        check_box(fields["box"], size)
+    else:
+        labels, boxes = fields["labels"], fields["boxes"]
+        if (not isinstance(labels, list) or not labels
+                or not all(isinstance(x, str) and x.strip() for x in labels)):
+            raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+        if not isinstance(boxes, list):
+            raise ValueError(f"boxes must be a list, got {boxes!r}")
+        for k, box in enumerate(boxes, 1):
+            if not isinstance(box, dict) or box.get("label") not in labels:
+                raise ValueError(f"box {k} must be {{\"bbox_2d\": [...], \"label\": ...}} with a "
+                                 f"label from {labels}, got {box!r}")
+            check_box(box.get("bbox_2d"), size, f"box {k}'s bbox_2d")
+    return task
+
+
+def question_of(fields):
+    """The text the model is asked, from a checked row."""
+    task = task_type(fields)
+    if task == "choice":
+        return question_text(fields["question"], fields["choices"])
+    if task == "rec":
+        return REC_QUESTION.format(phrase=fields["phrase"].strip().rstrip("."))
+    return OVD_QUESTION.format(labels=", ".join(fields["labels"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """How the model sees a row: the image's pixel budget, the prompt (a template holding
+    `{question}`) and the frame its boxes are written in."""
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    template: str = PROMPT_TEMPLATE
+    frame: str = "pixels"
+
+
+def make_example(image, fields, rng, view=View()):
+    """Validate one row and build its example dict as `view` says. `rng` shuffles the options
+    (None: keep them in order)."""
+    task = check_fields(fields, image.size)
+    fitted = fit_image(image, view.min_pixels, view.max_pixels)
+    example = {"image": fitted, "task_type": task}
+    if task == "choice":
+        choices = list(fields["choices"])
+        if rng is not None:
+            rng.shuffle(choices)
+        fields = {**fields, "choices": choices}
+        example.update(choices=choices, answer=fields["answer"])
+    else:
+        size = frame_size(view.frame, fitted.size)
+        example.update(original_size=image.size, frame_size=size)
+        if task == "rec":
+            example.update(phrase=fields["phrase"], gold_box=list(fields["box"]),
+                           box=scale_box(fields["box"], image.size, size))
+        else:
+            example.update(labels=list(fields["labels"]), gold_boxes=fields["boxes"],
+                           boxes=[{"bbox_2d": scale_box(b["bbox_2d"], image.size, size),
+                                   "label": b["label"]} for b in fields["boxes"]])
+    question = question_of(fields)
+    # replace, not format: a chat template may hold braces of its own
+    return {**example, "question": question,
+            "prompt": view.template.replace("{question}", question)}
+
+
+def gold_of(example):
+    """What a row counts as right, for sample dumps."""
+    return example.get("answer", example.get("box", example.get("boxes")))
 
 
 def open_image(value):
@@ -143,30 +268,30 @@ class Rows(torch.utils.data.Dataset):
 
 
 class Examples(Rows):
-    """Example dicts from `read(i)`, row i's raw (image, question, choices, answer). Options are
-    shuffled with a seed per row unless `shuffle` is off."""
+    """Example dicts from `read(i)`, row i's raw (image, fields), all of one `task` type, built as
+    `view` says. Options are shuffled with a seed per row unless `shuffle` is off."""
 
-    def __init__(self, name, size, read, where, seed, min_pixels, max_pixels, shuffle=True):
+    def __init__(self, name, size, read, where, seed, view, task="choice", shuffle=True):
         super().__init__(name, size, self.build, where)
-        self.read, self.seed, self.shuffle = read, seed, shuffle
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.read, self.seed, self.view, self.task_type = read, seed, view, task
+        self.shuffle = shuffle
 
     def build(self, i):
-        image, question, choices, answer = self.read(i)
+        image, fields = self.read(i)
         rng = random.Random(self.seed * 1_000_003 + i) if self.shuffle else None  # (detail 14)
-        return make_example(decode_image(image), question, choices, answer, rng,
-                            self.min_pixels, self.max_pixels)
+        return make_example(decode_image(image), fields, rng, self.view)
 
     def check(self, i):
         """Row i's fields and image, without decoding it; returns (question, visual tokens)."""
         try:
-            image, question, choices, answer = self.read(i)
-            check_fields(question, choices, answer)
-            width, height = verified_size(image)
+            image, fields = self.read(i)
+            size = verified_size(image)
+            if check_fields(fields, size) != self.task_type:
+                raise ValueError(f"a {task_type(fields)} row among {self.task_type} rows")
         except Exception as e:
             raise UserError(f"{self.where(i)}: {e}") from e
-        return (question_text(question, choices),
-                image_tokens(width, height, self.min_pixels, self.max_pixels))
+        return (question_of(fields),
+                image_tokens(*size, self.view.min_pixels, self.view.max_pixels))
 
 
 def check_rows(examples, desc="checking rows"):
@@ -177,9 +302,12 @@ def check_rows(examples, desc="checking rows"):
                                             dynamic_ncols=True)]
 
 
-# --- SAT ----------------------------------------------------------------------------------------
+# --- hub datasets: SAT, RefCOCO -----------------------------------------------------------------
 
 SAT_COLUMNS = ("image_bytes", "question", "answers", "correct_answer")
+REFCOCO_COLUMNS = ("image", "answer", "bbox")  # answer: the expressions; bbox: COCO [x, y, w, h]
+REFCOCO = {"refcoco": "lmms-lab/RefCOCO", "refcoco+": "lmms-lab/RefCOCOplus",
+           "refcocog": "lmms-lab/RefCOCOg"}
 
 
 def check_source(source, flag):
@@ -216,63 +344,91 @@ def load_hub_dataset(source, flag, **kwargs):
                         "(HF_HUB_OFFLINE=1 skips the retries)") from e
 
 
-def load_sat(source="array/SAT", split="train", limit=15000, seed=0, min_pixels=MIN_PIXELS,
-             max_pixels=MAX_PIXELS, flag="--dataset"):
-    """SAT (hub id or a local folder of its schema): the first `limit` rows, single-image ones."""
-    import datasets
+def list_lengths(ds, column):
+    """Items per row of a list column, read on the memory-mapped Arrow table (no images decoded)."""
     import pyarrow.compute
 
+    return pyarrow.compute.list_value_length(ds.with_format("arrow")[column]).to_pylist()
+
+
+def undecoded(ds, column):
+    """`column` with its images left as bytes: rows are checked without decoding pixels."""
+    import datasets
+
+    feature = ds.features[column]
+    if isinstance(getattr(feature, "feature", None), datasets.Image):
+        return ds.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    if isinstance(feature, datasets.Image):
+        return ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def load_hub_examples(source, split, limit=0, seed=0, view=View(), flag="--dataset"):
+    """A hub id or local folder in SAT's schema (choice rows, single-image ones kept) or
+    RefCOCO's (rec rows, one per referring expression); the first `limit` rows (0 = all)."""
     ds = load_hub_dataset(source, flag, split=split)
-    missing = [c for c in SAT_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise UserError(f"{flag} {source!r} split {split!r} lacks the SAT columns {missing}; "
-                        f"it has {ds.column_names}")
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
-    inner = getattr(ds.features["image_bytes"], "feature", None)
-    if isinstance(inner, datasets.Image):  # count images without decoding them
-        ds = ds.cast_column("image_bytes", datasets.List(datasets.Image(decode=False)))
-    # Count images per row on the memory-mapped Arrow column, without reading them into Python.
-    counts = pyarrow.compute.list_value_length(ds.with_format("arrow")["image_bytes"])
-    rows = [i for i, n in enumerate(counts.to_pylist()) if n == 1]
+    name = f"{source}[{split}]"
+    if all(c in ds.column_names for c in SAT_COLUMNS):
+        ds = undecoded(ds.select(range(min(limit or len(ds), len(ds)))), "image_bytes")
+        rows = [i for i, n in enumerate(list_lengths(ds, "image_bytes")) if n == 1]
+
+        def read(i):
+            row = ds[rows[i]]
+            return row["image_bytes"][0], {"question": row["question"], "choices": row["answers"],
+                                           "answer": row["correct_answer"]}
+        task = "choice"
+    elif all(c in ds.column_names for c in REFCOCO_COLUMNS):
+        ds = undecoded(ds, "image")
+        rows = [(i, k) for i, n in enumerate(list_lengths(ds, "answer")) for k in range(n)]
+        rows = rows[:limit or len(rows)]
+
+        def read(i):
+            row, k = ds[rows[i][0]], rows[i][1]
+            x, y, w, h = row["bbox"]
+            return row["image"], {"phrase": row["answer"][k], "box": [x, y, x + w, y + h]}
+        task = "rec"
+    else:
+        lacks = {name: [c for c in columns if c not in ds.column_names]
+                 for name, columns in (("SAT", SAT_COLUMNS), ("RefCOCO", REFCOCO_COLUMNS))}
+        raise UserError(f"{flag} {source!r} split {split!r} lacks the SAT columns {lacks['SAT']}"
+                        f" (or RefCOCO's {lacks['RefCOCO']}); it has {ds.column_names}")
     if not rows:
-        raise UserError(f"{flag} {source!r} split {split!r} has no single-image rows")
+        raise UserError(f"{flag} {name}: no usable rows")
 
-    def read(i):
-        row = ds[rows[i]]
-        return row["image_bytes"][0], row["question"], row["answers"], row["correct_answer"]
-
-    return Examples(f"{source}[{split}]", len(rows), read,
-                    lambda i: f"{source}[{split}] row {rows[i] + 1}", seed, min_pixels, max_pixels)
+    def where(i):
+        return f"{name} row {(rows[i][0] if task == 'rec' else rows[i]) + 1}"
+    return Examples(name, len(rows), read, where, seed, view, task)
 
 
 # --- a user's JSONL -----------------------------------------------------------------------------
 
-JSONL_FIELDS = ("image", "question", "choices", "answer")
-
-
-def load_jsonl(path, limit=0, seed=0, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS,
-               flag="--dataset"):
-    """A user's task: one JSON object a line with `image` (a path relative to the file),
-    `question`, `choices`, `answer` (one of the choices). Blank lines are skipped."""
+def load_jsonl(path, limit=0, seed=0, view=View(), flag="--dataset"):
+    """A user's task, one JSON object a line, `image` a path relative to the file, and
+    choice: `question`, `choices`, `answer` (one of the choices);
+    rec: `phrase`, `box` ([x1, y1, x2, y2] in original pixels);
+    ovd: `labels` (the categories asked for), `boxes` ([{"bbox_2d": [...], "label": ...}]).
+    Every row of a file has the task of the first. Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag}: file {str(path)!r} does not exist")
-    rows = []
+    rows, task = [], None
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            task = task or task_type(row)
+            missing = [k for k in ("image",) + TASK_FIELDS[task] if k not in row]
+            if missing:
+                raise ValueError(f"missing field(s) {missing} of a {task} row")
+            if not isinstance(row["image"], str):
+                raise ValueError(f"image must be a path, got {row['image']!r}")
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{line_no}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{line_no}: not a JSON object")
-        missing = [k for k in JSONL_FIELDS if k not in row]
-        if missing:
-            raise UserError(f"{path}:{line_no}: missing field(s) {missing}")
-        if not isinstance(row["image"], str):
-            raise UserError(f"{path}:{line_no}: image must be a path, got {row['image']!r}")
+        except ValueError as e:
+            raise UserError(f"{path}:{line_no}: {e}") from e
         rows.append((line_no, row))
         if limit and len(rows) == limit:
             break
@@ -281,18 +437,17 @@ def load_jsonl(path, limit=0, seed=0, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXE
 
     def read(i):
         row = rows[i][1]
-        return path.parent / row["image"], row["question"], row["choices"], row["answer"]
+        return path.parent / row["image"], row
 
-    return Examples(str(path), len(rows), read, lambda i: f"{path}:{rows[i][0]}", seed,
-                    min_pixels, max_pixels)
+    return Examples(str(path), len(rows), read, lambda i: f"{path}:{rows[i][0]}", seed, view,
+                    task)
 
 
-def load_examples(dataset, split="train", limit=15000, seed=0, min_pixels=MIN_PIXELS,
-                  max_pixels=MAX_PIXELS, flag="--dataset"):
-    """A .jsonl file, or a hub id / local folder in SAT's schema."""
+def load_examples(dataset, split="train", limit=15000, seed=0, view=View(), flag="--dataset"):
+    """A .jsonl file, or a hub id / local folder in SAT's or RefCOCO's schema."""
     if dataset.endswith(".jsonl"):
-        return load_jsonl(dataset, limit, seed, min_pixels, max_pixels, flag)
-    return load_sat(dataset, split, limit, seed, min_pixels, max_pixels, flag)
+        return load_jsonl(dataset, limit, seed, view, flag)
+    return load_hub_examples(REFCOCO.get(dataset, dataset), split, limit, seed, view, flag)
 
 
 # --- the order of prompts -----------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""Evaluate a base model or a LoRA/QLoRA adapter on CV-Bench, SAT or your own JSONL task, with
-the training prompt.
+"""Evaluate a base model or a LoRA/QLoRA adapter on CV-Bench, SAT, RefCOCO/+/g or your own JSONL
+task, with the training prompt.
 
     python eval.py --model Qwen/Qwen2-VL-2B --adapter runs/sat/checkpoint-500 --benchmark cvbench
     python eval.py --model Qwen/Qwen2-VL-2B --benchmark cvbench --limit 200   # a quick look
     python eval.py --model Qwen/Qwen2-VL-2B --adapter runs/mine/checkpoint-100 --dataset my.jsonl
+    python eval.py --model Qwen/Qwen2.5-VL-3B-Instruct --benchmark refcoco --split val
 
 Greedy decoding, up to 1024 new tokens, batched with left padding. Writes OUTPUT_DIR/
 predictions.jsonl (one line per item, appended as it goes: a killed run resumes where it stopped,
 if the model, adapter, data and decoding are the same) and OUTPUT_DIR/summary.json, and prints
-the table. Two parsers: strict (default; the `<answer>` content must name the letter or the
-option text) and lenient (the paper's: free text without a tag may match too). Both reported.
+the table. Multiple choice: two parsers, strict (default; the `<answer>` content must name the
+letter or the option text) and lenient (the paper's: free text without a tag may match too), both
+reported. Grounding (rec): Acc@IoU>=0.5 and the mean IoU, the answer's box mapped back to
+original-image pixels. Detection (ovd): COCO mAP@[.5:.95] over the whole dataset (pycocotools).
 """
 
 import dataclasses
@@ -24,9 +27,11 @@ from tqdm import tqdm
 import cli
 import data
 import policy
+import rewards
 from cli import UserError, flag
 
 LETTERS = "ABCDEFGH"
+BENCHMARKS = ("cvbench", "sat", *data.REFCOCO)
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
 
 
@@ -104,18 +109,18 @@ def score_cvbench(rows):
 
 # --- items --------------------------------------------------------------------------------------
 
-def choice_items(examples, task, source):
-    """Training-style examples (SAT, JSONL, synthetic) as eval items: prompted exactly as in
-    training; options are not lettered."""
+def eval_items(examples, task, source):
+    """Training-style examples (SAT, RefCOCO, JSONL, synthetic) as eval items: prompted exactly
+    as in training; options are not lettered."""
     def make(i):
-        ex = examples[i]
-        return {**ex, "id": str(i), "task": task, "source": source, "lettered": False,
-                "gold": ex["choices"].index(ex["answer"])}
+        ex = {**examples[i], "id": str(i), "task": task, "source": source}
+        if ex["task_type"] == "choice":
+            ex.update(lettered=False, gold=ex["choices"].index(ex["answer"]))
+        return ex
     return data.Rows(examples.name, len(examples), make, examples.where)
 
 
-def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=data.MIN_PIXELS,
-                 max_pixels=data.MAX_PIXELS):
+def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, view=data.View()):
     """CV-Bench items. Both hub layouts load: the single test.parquet (before 2025-04-01) and
     test_2d.parquet + test_3d.parquet (after); `source` is a hub id or a local folder."""
     ds = data.load_hub_dataset(source, "--dataset", data_files={"test": "test*.parquet"},
@@ -133,10 +138,10 @@ def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=data.MIN_PIX
         if letter not in LETTERS[:len(row["choices"])]:
             raise ValueError(f"the answer {row['answer']!r} names none of the "
                              f"{len(row['choices'])} choices")
-        image = data.fit_image(data.decode_image(row["image"]), min_pixels, max_pixels)
+        image = data.fit_image(data.decode_image(row["image"]), view.min_pixels, view.max_pixels)
         return {"id": f"{row.get('type', '')}-{row['idx']}", "task": row["task"],
-                "source": row["source"], "image": image,
-                "prompt": data.PROMPT_TEMPLATE.format(question=row["prompt"]),
+                "source": row["source"], "image": image, "task_type": "choice",
+                "prompt": view.template.replace("{question}", row["prompt"]),
                 "choices": list(row["choices"]), "gold": LETTERS.index(letter), "lettered": True}
 
     return data.Rows(f"{source}[test]", len(ds), make, lambda i: f"{source}[test] row {i + 1}")
@@ -145,11 +150,23 @@ def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, min_pixels=data.MIN_PIX
 # --- running ------------------------------------------------------------------------------------
 
 def judge(example, response):
-    """One predictions.jsonl row: the response, both parses and whether each is right."""
+    """One predictions.jsonl row: the response, its parse(s) and whether it is right."""
+    row = {"id": example["id"], "task": example["task"], "source": example["source"],
+           "task_type": example["task_type"], "response": response}
+    if example["task_type"] == "rec":  # the box back in original pixels, scored there
+        box = rewards.parse_box(response)
+        box = box and data.scale_box(box, example["frame_size"], example["original_size"])
+        iou = rewards.box_iou(box, example["gold_box"]) if box else 0.0
+        return {**row, "box": box, "gold": example["gold_box"], "iou": iou, "correct": iou >= 0.5}
+    if example["task_type"] == "ovd":
+        found = rewards.parse_detections(response)
+        found = found and [{**d, "bbox_2d": data.scale_box(d["bbox_2d"], example["frame_size"],
+                                                          example["original_size"])}
+                           for d in found]
+        return {**row, "detections": found, "gold": example["gold_boxes"]}
     strict = parse_choice(response, example["choices"], example["lettered"])
     lenient = parse_choice(response, example["choices"], example["lettered"], lenient=True)
-    return {"id": example["id"], "task": example["task"], "source": example["source"],
-            "response": response, "choice": strict, "correct": strict == example["gold"],
+    return {**row, "choice": strict, "correct": strict == example["gold"],
             "choice_lenient": lenient, "correct_lenient": lenient == example["gold"],
             "gold": example["gold"]}
 
@@ -163,17 +180,40 @@ def predict(model, processor, items, batch_size, max_new_tokens):
         yield from (judge(example, text) for example, text in zip(batch, texts))
 
 
-def accuracy_on(model, processor, items, batch_size, max_new_tokens):
-    """Strict accuracy, a fraction, on eval items (eval/accuracy during training)."""
+def detection_map(rows):
+    """COCO mAP@[.5:.95] in percent over every image of the rows (unparsed answers: no boxes)."""
+    return 100.0 * rewards.coco_ap([r["detections"] or [] for r in rows],
+                                   [r["gold"] for r in rows])
+
+
+def score_on(model, processor, items, batch_size, max_new_tokens):
+    """Strict accuracy (choice), Acc@IoU>=0.5 (rec) or mAP (ovd), as a fraction, on eval items
+    (eval/accuracy or eval/mAP during training)."""
     rows = list(predict(model, processor, items, batch_size, max_new_tokens))
+    if rows and rows[0]["task_type"] == "ovd":
+        return detection_map(rows) / 100
     return sum(r["correct"] for r in rows) / max(1, len(rows))
 
 
 def summarize(rows, benchmark):
     lengths = [len(r["response"]) for r in rows]
-    summary = {"n": len(rows), "unparsed": sum(r["choice"] is None for r in rows),
-               "unparsed_lenient": sum(r["choice_lenient"] is None for r in rows),
-               "mean_response_chars": sum(lengths) / max(1, len(lengths))}
+    summary = {"n": len(rows), "mean_response_chars": sum(lengths) / max(1, len(lengths))}
+    task = rows[0]["task_type"] if rows else "choice"
+    if task == "rec":
+        summary["unparsed"] = sum(r["box"] is None for r in rows)
+        summary["scores"] = {"Acc@0.5": percent_correct(rows),
+                             "mean_IoU": 100 * sum(r["iou"] for r in rows) / max(1, len(rows))}
+        return summary
+    if task == "ovd":
+        summary["unparsed"] = sum(r["detections"] is None for r in rows)
+        summary["scores"] = {"mAP": detection_map(rows),
+                             "boxes_per_image": sum(len(r["detections"] or []) for r in rows)
+                             / max(1, len(rows)),
+                             "gold_per_image": sum(len(r["gold"]) for r in rows)
+                             / max(1, len(rows))}
+        return summary
+    summary["unparsed"] = sum(r["choice"] is None for r in rows)
+    summary["unparsed_lenient"] = sum(r["choice_lenient"] is None for r in rows)
     lenient_rows = [{**r, "correct": r["correct_lenient"]} for r in rows]
     score = score_cvbench if benchmark == "cvbench" else (lambda x: {"micro": percent_correct(x)})
     summary["strict"], summary["lenient"] = score(rows), score(lenient_rows)
@@ -181,6 +221,12 @@ def summarize(rows, benchmark):
 
 
 def format_table(summary):
+    if "scores" in summary:  # grounding, detection: one row
+        scores = summary["scores"]
+        return ("".join(f"{k:>16}" for k in scores) + "\n"
+                + "".join(f"{v:>16.2f}" for v in scores.values())
+                + f"\nitems {summary['n']}, no parsable answer: {summary['unparsed']}, mean "
+                f"response length {summary['mean_response_chars']:.0f} chars")
     keys = list(summary["strict"])
     lines = [f"{'parser':<9}" + "".join(f"{k:>10}" for k in keys)]
     for parser in ("strict", "lenient"):
@@ -196,11 +242,12 @@ class EvalConfig:
     model: str = flag("Qwen/Qwen2-VL-2B", "hub id or local folder of the base model")
     adapter: str | None = flag(None, "a LoRA/QLoRA adapter folder (RUN_DIR/checkpoint-N)",
                                default_help="none, the base model")
-    benchmark: str = flag("cvbench", "what to evaluate on", choices=("cvbench", "sat"))
+    benchmark: str = flag("cvbench", "what to evaluate on", choices=BENCHMARKS)
     dataset: str | None = flag(None, "hub id or local folder of the benchmark, or a .jsonl "
                                "task of your own (same schema as training)",
-                               default_help="nyu-visionx/CV-Bench or array/SAT")
-    split: str = flag("val", "SAT split to evaluate: val | test")
+                               default_help="the benchmark's hub id, e.g. lmms-lab/RefCOCO")
+    split: str = flag("val", "split: SAT val | test; RefCOCO/+ val | testA | testB (| test); "
+                      "RefCOCOg val | test")
     output_dir: str | None = flag(None, "where predictions.jsonl and summary.json go",
                                   default_help="runs/eval/<model>[-<adapter>]/<benchmark>")
     limit: int = flag(0, "evaluate only the first N items (0 = all)", min=0)
@@ -209,6 +256,9 @@ class EvalConfig:
     min_pixels: int = flag(data.MIN_PIXELS, "image size floor, as in training", min=1)
     max_pixels: int = flag(data.MAX_PIXELS, "image size cap, as in training", min=1)
     load_in_4bit: bool = flag(False, "load the base model in 4-bit NF4 (for a QLoRA adapter)")
+    prompt_format: str = flag("auto", "as in training: r1 (the paper's base-model prompt), chat "
+                              "(the checkpoint's chat template); auto: chat for Qwen2.5-VL",
+                              choices=policy.PROMPT_FORMATS)
     seed: int = flag(0, "seeds the option shuffling of SAT and JSONL rows")
     overwrite: bool = flag(False, "discard predictions of another model/data in --output_dir")
 
@@ -221,41 +271,42 @@ class EvalConfig:
             if self.adapter:
                 name += "-" + "-".join(Path(self.adapter).resolve().parts[-2:])
             task = Path(self.dataset).stem if self.benchmark == "jsonl" else self.benchmark
-            task += f"-{self.split}" if self.benchmark == "sat" else ""
+            task += f"-{self.split}" if self.benchmark not in ("cvbench", "jsonl") else ""
             self.output_dir = str(Path("runs/eval") / re.sub(r"[^\w.-]+", "_", name) / task)
 
 
 # What produced a predictions.jsonl: a resume must match all of them.
 PROVENANCE = ("model", "adapter", "benchmark", "dataset", "split", "limit", "max_new_tokens",
-              "min_pixels", "max_pixels", "load_in_4bit", "seed")
+              "min_pixels", "max_pixels", "load_in_4bit", "seed", "prompt_format")
 
 
-def provenance(cfg):
+def provenance(cfg, view):
     record = {k: getattr(cfg, k) for k in PROVENANCE}
     if cfg.adapter:
         record["adapter"] = str(Path(cfg.adapter).resolve())
-    return {**record, "prompt": data.PROMPT_TEMPLATE}
+    return {**record, "prompt": view.template, "frame": view.frame}
 
 
-def load_items(cfg):
-    """The items to evaluate, every row checked before the model is loaded."""
+def load_items(cfg, view, check=True):
+    """The items to evaluate, as `view` shows them; with `check`, every row checked first."""
     if cfg.benchmark == "cvbench":
-        return load_cvbench(cfg.dataset or "nyu-visionx/CV-Bench", cfg.limit, cfg.min_pixels,
-                            cfg.max_pixels)
-    examples = data.load_examples(cfg.dataset or "array/SAT", cfg.split, cfg.limit, cfg.seed,
-                                  cfg.min_pixels, cfg.max_pixels)
-    data.check_rows(examples)
-    return choice_items(examples, cfg.split if cfg.benchmark == "sat" else "task",
-                        "SAT" if cfg.benchmark == "sat" else Path(cfg.dataset).name)
+        return load_cvbench(cfg.dataset or "nyu-visionx/CV-Bench", cfg.limit, view)
+    source = cfg.dataset or {"sat": "array/SAT", **data.REFCOCO}[cfg.benchmark]
+    examples = data.load_examples(source, cfg.split, cfg.limit, cfg.seed, view)
+    if check:
+        data.check_rows(examples)
+    if cfg.benchmark == "jsonl":
+        return eval_items(examples, "task", Path(cfg.dataset).name)
+    return eval_items(examples, cfg.split, cfg.benchmark)
 
 
-def load_done(out, cfg):
+def load_done(out, cfg, view):
     """Finished predictions to resume from, if they were made by the same settings."""
     predictions, record = out / "predictions.jsonl", out / "eval_config.json"
     if not predictions.is_file() or cfg.overwrite:
         return {}
     before = json.loads(record.read_text()) if record.is_file() else {}
-    differ = [k for k, v in provenance(cfg).items() if before.get(k) != v]
+    differ = [k for k, v in provenance(cfg, view).items() if before.get(k) != v]
     if differ:
         raise UserError(f"{predictions} holds predictions of other settings ({', '.join(differ)} "
                         "differ); give another --output_dir, or --overwrite to discard them")
@@ -285,11 +336,13 @@ def evaluate(cfg):
     if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {cfg.adapter}: no adapter_config.json there")
     out = data.writable_dir(cfg.output_dir, "--output_dir")
-    done = load_done(out, cfg)
-    items = load_items(cfg)
+    load_items(cfg, data.View(cfg.min_pixels, cfg.max_pixels))  # the data first: every row
+    view = policy.model_view(cfg.model, cfg.prompt_format, cfg.min_pixels, cfg.max_pixels)
+    done = load_done(out, cfg, view)
+    items = load_items(cfg, view, check=False)
     predictions = out / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-    (out / "eval_config.json").write_text(json.dumps(provenance(cfg), indent=2))
+    (out / "eval_config.json").write_text(json.dumps(provenance(cfg, view), indent=2))
     todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
     if todo:
         model, processor = load_for_eval(cfg, device)

@@ -20,6 +20,10 @@ from cli import UserError
 # LoRA on the language model only (detail 13): a regex over module names, so a vision tower
 # with the same projection names (Qwen2.5-VL's) is never touched.
 LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The model families, by the model_type of their config: both have the same module names
+# (model.visual, model.language_model, lm_head) and forward inputs for images.
+MODEL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
@@ -53,19 +57,62 @@ def load_processor(name, flag="--model"):
                         "the offline demo: python train.py --demo") from e
 
 
-def load_base_model(name, device, load_in_4bit=False, flag="--model"):
-    """The base model (bf16 on GPU, fp32 on CPU; optionally 4-bit NF4) and its processor."""
-    from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
+def model_family(name, flag="--model"):
+    """The checkpoint's model_type, read from its config rather than guessed from its name (a
+    fine-tune can be called anything): the key of the class to build in MODEL_CLASSES."""
+    from transformers import AutoConfig
 
+    data.check_source(name, flag)
+    try:
+        family = AutoConfig.from_pretrained(name).model_type
+    except (OSError, ValueError) as e:  # ValueError: a config.json transformers cannot parse
+        raise UserError(f"{flag} {name!r}: cannot load its config ({e}). Without hub access, "
+                        "give a local folder (HF_HUB_OFFLINE=1 skips the retries), or run "
+                        "the offline demo: python train.py --demo") from e
+    if family not in MODEL_CLASSES:
+        raise UserError(f"{flag} {name!r}: model_type {family!r} is not supported; "
+                        f"supported: {', '.join(MODEL_CLASSES)}")
+    return family
+
+
+# How a family answers: Qwen2.5-VL in pixels of the image it sees, Qwen2-VL in 0-1000 (data.py);
+# Qwen2.5-VL was released as Instruct models only, so `auto` gives it its chat template.
+BOX_FRAMES = {"qwen2_vl": "norm1000", "qwen2_5_vl": "pixels"}
+PROMPT_FORMATS = ("auto", "r1", "chat")
+
+
+def model_view(name, prompt_format, min_pixels, max_pixels, flag="--model"):
+    """How model `name` sees a row (data.View): the prompt template (r1: the paper's base-model
+    prompt; chat: the checkpoint's chat template around the image and question) and box frame."""
+    family = model_family(name, flag)
+    template = data.PROMPT_TEMPLATE
+    if prompt_format == "chat" or (prompt_format == "auto" and family == "qwen2_5_vl"):
+        processor = load_processor(name, flag)
+        if not getattr(processor, "chat_template", None):
+            raise UserError(f"{flag} {name!r} has no chat template: use --prompt_format r1")
+        marker = "\x00question\x00"  # rendered once, then filled per row like the r1 prompt
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": marker}]}]
+        template = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False).replace(marker, "{question}")
+    return data.View(min_pixels, max_pixels, template, BOX_FRAMES[family])
+
+
+def load_base_model(name, device, load_in_4bit=False, flag="--model"):
+    """The base model of its family (bf16 on GPU, fp32 on CPU; optionally 4-bit NF4) and its
+    processor."""
+    import transformers
+
+    model_class = getattr(transformers, MODEL_CLASSES[model_family(name, flag)])
     processor = load_processor(name, flag)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quantization = None
     if load_in_4bit:  # the vision tower and lm_head stay unquantised, named in full (REFERENCE 5)
-        quantization = BitsAndBytesConfig(
+        quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
     try:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
+        model = model_class.from_pretrained(
             name, dtype=dtype, quantization_config=quantization, device_map={"": device})
     except OSError as e:
         raise UserError(f"{flag} {name!r}: cannot load it ({e})") from e

@@ -1,8 +1,12 @@
 """Rule-based rewards: plain functions `(completion: str, example: dict) -> float`, a registry.
 
-`completion` is the decoded text the model wrote after the prompt (the prompt ends with "<think>",
-so it does not include that tag); `example` is the dataset row (`answer` is the gold option text,
-`choices` the options).
+`completion` is the decoded text the model wrote after the prompt (the paper's prompt ends with
+"<think>", so it does not include that tag; a chat prompt does not); `example` is the dataset row
+(data.py): `answer` is the gold option text, `choices` the options. The grounding rewards read
+boxes [x1, y1, x2, y2] in the frame the model answers in (pixels of the resized image for
+Qwen2.5-VL, 0-1000 for Qwen2-VL; data.py converts): `iou` reads `box` (one box, referring
+expressions), `detection` reads `boxes` (a list of {"bbox_2d": [...], "label": str},
+open-vocabulary detection).
 
 Adding a reward is a function and a line:
 
@@ -16,11 +20,17 @@ A reward that raises scores 0.0 for that completion and is counted in `rewards/<
 the first exception of each reward is shown once.
 """
 
+import contextlib
 import importlib.util
+import io
+import json
 import math
 import re
 import traceback
 from pathlib import Path
+
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from cli import UserError
 
@@ -37,8 +47,10 @@ REFLECTION_RE = re.compile(r"\b(" + "|".join(map(re.escape, REFLECTION_PHRASES))
 
 
 def format_reward(completion, example):
-    """1.0 if "<think>" + completion is exactly `<think>...</think> <answer>...</answer>`."""
-    return 1.0 if FORMAT_RE.fullmatch("<think>" + completion) else 0.0
+    """1.0 if the answer is exactly `<think>...</think> <answer>...</answer>`. The "<think>" the
+    paper's prompt ends with counts as written; a chat prompt ends without it."""
+    forced = "<think>" if example.get("prompt", "<think>").endswith("<think>") else ""
+    return 1.0 if FORMAT_RE.fullmatch(forced + completion) else 0.0
 
 
 def extract_answer(completion):
@@ -52,7 +64,125 @@ def accuracy_reward(completion, example):
     return 1.0 if extract_answer(completion) == example["answer"] else 0.0
 
 
-REWARDS = {"format": format_reward, "accuracy": accuracy_reward}
+NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
+BOX_RE = re.compile(r"\[" + ",".join([NUMBER] * 4) + r"\]")
+FENCE_RE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
+
+
+def parse_box(text):
+    """The first [x1, y1, x2, y2] inside the FIRST <answer>...</answer>, as 4 floats, or None.
+
+    A bare list, {"bbox_2d": [...]} and [{"bbox_2d": [...], "label": ...}] all qualify."""
+    answer = ANSWER_RE.search(text)
+    box = answer and BOX_RE.search(answer.group(1))
+    return [float(v) for v in box.groups()] if box else None
+
+
+def box_iou(a, b):
+    """Intersection over union of two [x1, y1, x2, y2] boxes; an inverted box has area 0."""
+    def area(x1, y1, x2, y2):
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a) + area(*b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def iou_reward(completion, example):
+    """IoU of the answered box with `example["box"]`, 0.0 if none parses. Unlike VLM-R1
+    (arXiv 2504.07615), whose regex takes integers only, float coordinates count too."""
+    box = parse_box(completion)
+    return box_iou(box, example["box"]) if box else 0.0
+
+
+def parse_detections(text):
+    """The FIRST answer as a JSON list of {"bbox_2d": [4 numbers], "label": str}, or None if
+    there is no answer or any part is malformed. The answer "None" (VLM-R1's prompt asks for it
+    when nothing is there) is an empty list, like `[]`. A ```json fence is allowed."""
+    answer = ANSWER_RE.search(text)
+    if not answer:
+        return None
+    content = answer.group(1).strip()
+    if content.lower() == "none":
+        return []
+    fence = FENCE_RE.fullmatch(content)
+    try:
+        items = json.loads(fence.group(1) if fence else content)
+    except ValueError:
+        return None
+    if not isinstance(items, list):
+        return None
+    detections = []
+    for item in items:
+        box = item.get("bbox_2d") if isinstance(item, dict) else None
+        if not (isinstance(box, list) and len(box) == 4 and isinstance(item.get("label"), str)
+                and all(type(v) in (int, float) and math.isfinite(v) for v in box)):
+            return None  # bool is not a coordinate: type(), not isinstance
+        detections.append({"bbox_2d": [float(v) for v in box], "label": item["label"]})
+    return detections
+
+
+def coco_ap(predictions, golds):
+    """COCO AP@[.50:.95] (pycocotools) over images i = 1..n: `predictions[i]` and `golds[i]` are
+    lists of {"bbox_2d": [x1, y1, x2, y2], "label": str}. Every prediction has score 1.0; one
+    whose label is in no gold is not scored. 0.0 where AP is undefined (no gold box)."""
+    labels = sorted({g["label"] for boxes in golds for g in boxes})
+    category = {label: k for k, label in enumerate(labels, 1)}
+
+    def annotations(images, **extra):
+        anns = []
+        for image_id, boxes in enumerate(images, 1):
+            for d in boxes:
+                if d["label"] in category:
+                    x1, y1, x2, y2 = map(float, d["bbox_2d"])
+                    # An inverted box gets area 0, a false positive: with its negative area
+                    # COCOeval would ignore it, a free pass for writing x2 < x1.
+                    w, h = max(0.0, x2 - x1), max(0.0, y2 - y1)
+                    anns.append({"id": len(anns) + 1, "image_id": image_id, "bbox": [x1, y1, w, h],
+                                 "category_id": category[d["label"]], "area": w * h,
+                                 "iscrowd": 0, **extra})
+        return anns
+
+    gt_anns, dt_anns = annotations(golds), annotations(predictions, score=1.0)
+    if not gt_anns or not dt_anns:  # AP undefined, or 0: no call into pycocotools
+        return 0.0
+    coco_gt, coco_dt = COCO(), COCO()
+    coco_gt.dataset = {"images": [{"id": i} for i in range(1, len(golds) + 1)],
+                       "categories": [{"id": k, "name": n} for n, k in category.items()],
+                       "annotations": gt_anns}
+    coco_dt.dataset = {**coco_gt.dataset, "annotations": dt_anns}
+    # Equal scores keep the order written: cocoeval.py sorts with np.argsort(-scores,
+    # kind="mergesort"), which is stable (per image, then across images: image 1 first).
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt.createIndex()
+        coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap = float(evaluator.stats[0])
+    return ap if ap >= 0 else 0.0  # -1 is COCOeval's "undefined"
+
+
+def detection_reward(completion, example):
+    """VLM-R1's odLength: COCO AP of the answer against `example["boxes"]`, times
+    min(1, n_gold / n_pred) with n_pred counting every box (listing many boxes does not pay).
+    1.0 if both are empty, 0.0 if one is or the answer does not parse."""
+    predictions, gold = parse_detections(completion), example["boxes"]
+    if predictions is None or bool(predictions) != bool(gold):
+        return 0.0
+    if not gold:
+        return 1.0
+    return coco_ap([predictions], [gold]) * min(1.0, len(gold) / len(predictions))
+
+
+def count_boxes(completion):
+    """Boxes in the answer: the detections, else 1 if a single box parses, else 0."""
+    detections = parse_detections(completion)
+    return len(detections) if detections is not None else int(parse_box(completion) is not None)
+
+
+REWARDS = {"format": format_reward, "accuracy": accuracy_reward, "iou": iou_reward,
+           "detection": detection_reward}
 
 
 def is_reflective(completion):

@@ -40,18 +40,29 @@ import rewards
 from cli import UserError, flag
 
 
+# The rewards of a run that names none: the format and the task's own (rewards.py).
+TASK_REWARDS = {"choice": ["format", "accuracy"], "rec": ["format", "iou"],
+                "ovd": ["format", "detection"]}
+
+
 @dataclass
 class Config:
     # what to train, on what
-    model: str = flag("Qwen/Qwen2-VL-2B", "hub id or local folder of a Qwen2-VL model; "
-                      "'demo' builds the tiny offline one")
-    dataset: str = flag("array/SAT", "hub id or folder in SAT's schema, a .jsonl, or 'synthetic'")
+    model: str = flag("Qwen/Qwen2-VL-2B", "hub id or local folder of a Qwen2-VL or Qwen2.5-VL "
+                      "model; 'demo' builds the tiny offline one")
+    dataset: str = flag("array/SAT", "hub id or folder in SAT's or RefCOCO's schema, a .jsonl "
+                        "(choice, rec or ovd rows: README), or 'synthetic'")
     dataset_split: str = flag("train", "split of a hub or folder dataset")
     dataset_limit: int = flag(15000, "first N rows (0 = all); synthetic: rows to make", min=0)
-    synthetic_tasks: list[str] = flag(list(demo.SYNTHETIC_TASKS), "synthetic question types")
+    synthetic_tasks: list[str] = flag(list(demo.CHOICE_TASKS), "synthetic question types: "
+                                      f"{', '.join(demo.CHOICE_TASKS)} (multiple choice), "
+                                      "locate (rec) or detect (ovd)")
     synthetic_image_size: int = flag(112, "side of synthetic images (28 pixels = 1 token)", min=1)
     min_pixels: int = flag(data.MIN_PIXELS, "smaller images are upscaled", min=1)
     max_pixels: int = flag(data.MAX_PIXELS, "larger images are downscaled (512 tokens)", min=1)
+    prompt_format: str = flag("auto", "r1: the paper's base-model prompt; chat: the checkpoint's "
+                              "chat template; auto: chat for Qwen2.5-VL (Instruct), else r1",
+                              choices=policy.PROMPT_FORMATS)
     output_dir: str = flag("runs/r1zero", "metrics, samples, config and checkpoints go here")
     overwrite: bool = flag(False, "start afresh in an --output_dir that holds a run")
     seed: int = flag(42, "seeds data order, option shuffling, sampling and LoRA init")
@@ -67,7 +78,9 @@ class Config:
     epsilon_high: float = flag(0.2, "upper clip range (DAPO's clip-higher: 0.28)", min=0)
     loss_type: str = flag("grpo", "token aggregation (detail 6)", choices=grpo.LOSS_TYPES)
     scale_rewards: str = flag("group", "advantage std (detail 1)", choices=grpo.SCALES)
-    reward_funcs: list[str] = flag(["format", "accuracy"], "rewards by name or file.py:function")
+    reward_funcs: list[str] | None = flag(None, "rewards by name or file.py:function",
+                                          default_help="format and, by the rows' task, accuracy "
+                                          "(choice), iou (rec) or detection (ovd)")
     reward_weights: list[float] | None = flag(None, "one weight per reward",
                                               default_help="all 1.0")
     # sampling
@@ -117,14 +130,16 @@ class Config:
         if self.min_pixels > self.max_pixels:
             raise UserError(f"--min_pixels {self.min_pixels} is above --max_pixels "
                             f"{self.max_pixels}")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+        funcs = self.reward_funcs or TASK_REWARDS["choice"]  # every task has two by default
+        if self.reward_weights is not None and len(self.reward_weights) != len(funcs):
             raise UserError(f"--reward_weights has {len(self.reward_weights)} values for "
-                            f"{len(self.reward_funcs)} --reward_funcs")
+                            f"{len(funcs)} --reward_funcs")
 
 
 def parse_config(argv=None):
-    """The command line is the Config; --demo applies demo.DEMO first, the flags given win."""
-    return cli.parse(Config, argv, __doc__, presets={"demo": demo.DEMO})
+    """The command line is the Config; --demo [grounding] applies demo.DEMOS' settings first, the
+    flags given win."""
+    return cli.parse(Config, argv, __doc__, presets={"demo": demo.DEMOS})
 
 
 # Settings that may change on --resume: they do not touch the saved state.
@@ -145,17 +160,17 @@ def load_model(cfg, device, model_name=None):
 
 # --- data ---------------------------------------------------------------------------------------
 
-def load_dataset(cfg, source, split, limit, seed, flag_name):
+def load_dataset(cfg, source, split, limit, seed, flag_name, view):
     if source == "synthetic":
         return demo.synthetic_dataset(limit, seed, tuple(cfg.synthetic_tasks),
-                                      cfg.synthetic_image_size)
-    return data.load_examples(source, split, limit, seed, cfg.min_pixels, cfg.max_pixels,
-                              flag_name)
+                                      cfg.synthetic_image_size, view)
+    return data.load_examples(source, split, limit, seed, view, flag_name)
 
 
-def held_out_examples(cfg):
-    """Eval items for eval/accuracy: `--eval_dataset`, else the training source's held-out rows
-    (SAT's val split; synthetic rows of another seed)."""
+def held_out_examples(cfg, view, task_type):
+    """Held-out rows for eval/accuracy (checked, of the training rows' task type):
+    `--eval_dataset`, else the training source's (SAT's val split; synthetic rows of another
+    seed)."""
     if cfg.eval_dataset:
         source, split, seed = cfg.eval_dataset, "val", cfg.seed
     elif cfg.dataset == "synthetic":
@@ -166,14 +181,17 @@ def held_out_examples(cfg):
         raise UserError("--eval_steps with a .jsonl --dataset needs --eval_dataset "
                         "(a held-out .jsonl)")
     flag_name = "--eval_dataset" if cfg.eval_dataset else "--dataset"
-    examples = load_dataset(cfg, source, split, cfg.eval_limit, seed, flag_name)
+    examples = load_dataset(cfg, source, split, cfg.eval_limit, seed, flag_name, view)
     data.check_rows(examples, "checking held-out rows")
-    return evaluation.choice_items(examples, "held-out", source)
+    if examples.task_type != task_type:
+        raise UserError(f"--eval_dataset {source}: {examples.task_type} rows, but the training "
+                        f"rows are {task_type}")
+    return examples
 
 
-def check_prompt_lengths(processor, rows, name, max_prompt_length):
+def check_prompt_lengths(processor, rows, name, template, max_prompt_length):
     """Every prompt's length (its image's tokens known from its size) against the limit."""
-    prompts = [data.PROMPT_TEMPLATE.format(question=q) for q, _ in rows]
+    prompts = [template.replace("{question}", q) for q, _ in rows]
     for i, (ids, (_, visual)) in enumerate(zip(processor.tokenizer(prompts)["input_ids"], rows)):
         length = len(ids) - 1 + visual  # the one <|image_pad|> becomes `visual` tokens
         if length > max_prompt_length:
@@ -254,8 +272,9 @@ def lr_factor(index, warmup, total, kind):
     return 1.0 if kind == "constant" else max(0.0, (total - index) / (total - warmup))
 
 
-def rollout_metrics(rollout, texts, total, parts, errors, eos_id, group_size):
-    """The reference library's metric names for what was generated and how it scored."""
+def rollout_metrics(rollout, texts, group_examples, total, parts, errors, eos_id, group_size):
+    """The reference library's metric names for what was generated and how it scored; for
+    grounding, the boxes per answer against the gold count (the hack VLM-R1 saw: many boxes)."""
     rewards_t = torch.tensor(total)                                            # (N,)
     group_std = rewards_t.view(-1, group_size).std(1)                          # (B,)
     lengths = rollout.completion_mask.sum(1).float()                           # (N,)
@@ -273,6 +292,10 @@ def rollout_metrics(rollout, texts, total, parts, errors, eos_id, group_size):
                     "completions/clipped_ratio": (~eos_seen).float().mean().item(),
                     "completions/reflection_ratio":
                         float(np.mean([rewards.is_reflective(t) for t in texts]))})
+    if group_examples[0]["task_type"] != "choice":
+        metrics["boxes/per_answer"] = float(np.mean([rewards.count_boxes(t) for t in texts]))
+        metrics["boxes/gold"] = float(np.mean([len(ex.get("boxes", [None]))
+                                               for ex in group_examples]))
     return metrics
 
 
@@ -453,7 +476,7 @@ def write_logs(out, metrics, group_examples, texts, parts, cfg):
         with open(out / "samples.jsonl", "a") as f:
             for i in range(min(cfg.num_samples, len(texts))):
                 f.write(json.dumps({"step": step, "question": group_examples[i]["question"],
-                                    "answer": group_examples[i]["answer"],
+                                    "answer": data.gold_of(group_examples[i]),
                                     "completion": texts[i],
                                     "rewards": {n: parts[n][i] for n in parts}}) + "\n")
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -464,15 +487,18 @@ def write_logs(out, metrics, group_examples, texts, parts, cfg):
 
 def train(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # 0. Everything that can be checked, before any model is loaded: flags (Config), rewards,
-    #    the output folder, every dataset row and image, the checkpoint to resume from.
-    reward_funcs, weights = rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
+    # 0. Everything that can be checked before any model is loaded: flags (Config), the output
+    #    folder, every dataset row and image, the rewards, the checkpoint to resume from.
+    given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = data.writable_dir(cfg.output_dir, "--output_dir")
     prepare_output_dir(out, cfg)
+    pixels = data.View(cfg.min_pixels, cfg.max_pixels)  # the model's prompt and frame come later
     dataset = load_dataset(cfg, cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
-                           "--dataset")
+                           "--dataset", pixels)
     prompt_rows = data.check_rows(dataset)
-    held_out = held_out_examples(cfg) if cfg.eval_steps else []
+    reward_funcs, weights = given or rewards.load_rewards(TASK_REWARDS[dataset.task_type],
+                                                          cfg.reward_weights)
+    held_out = held_out_examples(cfg, pixels, dataset.task_type) if cfg.eval_steps else None
     sampler = data.PromptSampler(len(dataset), cfg.prompts_per_step, cfg.seed)
     checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
@@ -481,13 +507,21 @@ def train(cfg):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # 1. The model: the base (the demo builds its own), a fresh LoRA adapter.
+    # 1. The model: the base (the demo builds its own), how it sees rows (its prompt, the frame
+    #    of its boxes), a fresh LoRA adapter.
     model_name = cfg.model
     if cfg.model == demo.MODEL:
         model_name = demo.build_demo_model(out / "demo-base", cfg.seed, cfg.synthetic_tasks,
                                            cfg.synthetic_image_size)
+    view = policy.model_view(model_name, cfg.prompt_format, cfg.min_pixels, cfg.max_pixels)
+    for examples in (dataset, held_out):
+        if examples is not None:
+            examples.view = dataclasses.replace(examples.view, template=view.template,
+                                                frame=view.frame)
+    held_out = held_out and evaluation.eval_items(held_out, "held-out", held_out.name)
     processor = policy.load_processor(model_name)
-    check_prompt_lengths(processor, prompt_rows, dataset.name, cfg.max_prompt_length)
+    check_prompt_lengths(processor, prompt_rows, dataset.name, view.template,
+                         cfg.max_prompt_length)
     model, processor = load_model(cfg, device, model_name)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     tokens = policy.special_tokens(processor)
@@ -546,13 +580,14 @@ def train(cfg):
                                                  if skipped else 0)
             # 6. log, evaluate, checkpoint
             metrics = {"step": step, "epoch": round(step / max(1, steps_per_epoch), 4),
-                       **rollout_metrics(rollout, texts, total, parts, errors, tokens.eos,
-                                         cfg.num_generations),
+                       **rollout_metrics(rollout, texts, group_examples, total, parts, errors,
+                                         tokens.eos, cfg.num_generations),
                        **stats, "nonfinite_steps": counters["nonfinite_steps"],
                        "skipped_rows": counters["skipped_rows"], "learning_rate": learning_rate,
                        "step_time": time.time() - t0}
             if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == max_steps):
-                metrics["eval/accuracy"] = evaluation.accuracy_on(
+                name = "eval/mAP" if dataset.task_type == "ovd" else "eval/accuracy"
+                metrics[name] = evaluation.score_on(
                     model, processor, held_out, cfg.micro_batch_size, cfg.max_completion_length)
             write_logs(out, metrics, group_examples, texts, parts, cfg)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}",

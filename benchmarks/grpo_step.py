@@ -69,10 +69,9 @@ def run_variant(args):
     gen_config.min_new_tokens = cfg.max_completion_length  # every completion has them all
     images = [demo.synthetic_row(random.Random(i), "count", args.image_side)[0]
               for i in range(args.prompts)]
-    examples = [data.make_example(image.resize((args.image_side * 2, args.image_side)),
-                                  "How many shapes are there?", ["1", "2", "3"], "2",
-                                  random.Random(i), data.MIN_PIXELS, data.MAX_PIXELS)
-                for i, image in enumerate(images)]
+    fields = dict(question="How many shapes are there?", choices=["1", "2", "3"], answer="2")
+    examples = [data.make_example(image.resize((args.image_side * 2, args.image_side)), fields,
+                                  random.Random(i)) for i, image in enumerate(images)]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: 1.0)

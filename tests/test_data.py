@@ -14,10 +14,8 @@ def test_question_text_and_prompt_are_the_papers():
         "Answer in natural language. Where? Choose between the following options: left, right or up"
     )
     assert data.question_text("Where?", ["left", "right"]).endswith("options: left or right")
-    ex = data.make_example(
-        Image.new("RGB", (56, 56)), "Where?", ["left", "right"], "left", random.Random(0), 3136,
-        401408,
-    )
+    fields = dict(question="Where?", choices=["left", "right"], answer="left")
+    ex = data.make_example(Image.new("RGB", (56, 56)), fields, random.Random(0))
     assert ex["prompt"] == (
         "<|vision_start|><|image_pad|><|vision_end|>A conversation between User and Assistant. "
         "The user asks a question about the image, and the Assistant solves it. The assistant "
@@ -45,10 +43,7 @@ def test_fit_image_respects_the_pixel_budget_and_the_28_pixel_grid():
 def test_make_example_rejects_bad_rows(bad, message):
     row = dict(question="Where?", choices=["left", "right"], answer="left") | bad
     with pytest.raises(ValueError, match=message):
-        data.make_example(
-            Image.new("RGB", (56, 56)), row["question"], row["choices"], row["answer"],
-            random.Random(0), 3136, 401408,
-        )
+        data.make_example(Image.new("RGB", (56, 56)), row, random.Random(0))
 
 
 def _png_bytes(size=(64, 48), color="red"):
@@ -97,7 +92,7 @@ def sat_rows():
 
 def test_sat_from_a_local_folder_of_the_hub_schema(tmp_path):
     source = make_sat_folder(tmp_path / "sat", sat_rows())
-    ds = data.load_sat(source, "train", limit=15000, seed=1)
+    ds = data.load_hub_examples(source, "train", limit=15000, seed=1)
     assert len(ds) == 2  # the two-image row is dropped
     first, big = ds[0], ds[1]
     assert first["answer"] == "right" and sorted(first["choices"]) == ["left", "right"]
@@ -105,10 +100,10 @@ def test_sat_from_a_local_folder_of_the_hub_schema(tmp_path):
         "Answer in natural language. Is the cup left or right of the plate?"
     )
     assert big["image"].width * big["image"].height <= 401408 and big["image"].width % 28 == 0
-    again = data.load_sat(source, "train", limit=15000, seed=1)
+    again = data.load_hub_examples(source, "train", limit=15000, seed=1)
     assert [again[i]["choices"] for i in range(2)] == [ds[i]["choices"] for i in range(2)]
     assert (
-        len(data.load_sat(source, "train", limit=1, seed=1)) == 1
+        len(data.load_hub_examples(source, "train", limit=1, seed=1)) == 1
     )  # the first N rows, then single-image only
 
 
@@ -116,7 +111,7 @@ def test_sat_errors_name_the_dataset_and_row(tmp_path):
     rows = sat_rows()
     rows[0]["correct_answer"] = "up"
     source = make_sat_folder(tmp_path / "bad", rows)
-    ds = data.load_sat(source, "train", limit=0)
+    ds = data.load_hub_examples(source, "train", limit=0)
     with pytest.raises(ValueError, match=r"row 1: the answer 'up' is not among the choices"):
         ds[0]
     with pytest.raises(ValueError, match=r"row 1: the answer 'up' is not among the choices"):
@@ -130,7 +125,7 @@ def test_sat_missing_columns(tmp_path):
     (root / "data").mkdir(parents=True)
     datasets.Dataset.from_dict({"question": ["q"]}).to_parquet(str(root / "data" / "train.parquet"))
     with pytest.raises(ValueError, match="lacks the SAT columns"):
-        data.load_sat(str(root), "train")
+        data.load_hub_examples(str(root), "train")
 
 
 def write_jsonl(path, rows):

@@ -28,11 +28,11 @@ def test_synthetic_is_deterministic_and_valid_for_every_task():
         assert x["answer"] in x["choices"] and 2 <= len(x["choices"]) <= 4
         assert x["prompt"].startswith(data.VISION_TOKENS) and x["prompt"].endswith("<think>")
     assert any(a[i]["image"].tobytes() != c[i]["image"].tobytes() for i in range(40))
-    tasks = [demo.SYNTHETIC_QUESTIONS[t].split()[0] for t in demo.SYNTHETIC_TASKS]
+    tasks = [demo.SYNTHETIC_QUESTIONS[t].split()[0] for t in demo.CHOICE_TASKS]
     assert {a[i]["question"].split(". ")[1].split()[0] for i in range(40)} == set(tasks)
 
 
-@pytest.mark.parametrize("task", demo.SYNTHETIC_TASKS)
+@pytest.mark.parametrize("task", demo.CHOICE_TASKS)
 def test_synthetic_answers_depend_on_the_image(task):
     """The same question text must have different answers on different images."""
     ds = demo.synthetic_dataset(400, seed=0, tasks=(task,), image_size=112)
@@ -43,6 +43,37 @@ def test_synthetic_answers_depend_on_the_image(task):
             ex["answer"]
         )
     assert any(len(answers) > 1 for answers in answers_by_question.values())
+
+
+@pytest.mark.parametrize("frame", data.FRAMES)
+def test_synthetic_boxes_are_where_the_shapes_are(frame):
+    """locate: the named shape's colour at its box centre; detect: every drawn shape of an asked
+    kind has its box, in the model's frame, and maps back to the pixels it was drawn at."""
+    view = data.View(frame=frame)
+    rec = demo.synthetic_dataset(40, seed=0, tasks=("locate",), image_size=112, view=view)
+    ovd = demo.synthetic_dataset(40, seed=0, tasks=("detect",), image_size=112, view=view)
+    assert rec.task_type == "rec" and ovd.task_type == "ovd"
+    for i in range(40):
+        ex = rec[i]
+        color = demo.COLORS[ex["phrase"].split()[1]]
+        assert ex["prompt"].endswith("<think>") and ex["phrase"] in ex["question"]
+        back = data.scale_box(ex["box"], ex["frame_size"], ex["original_size"])
+        assert back == pytest.approx(ex["gold_box"])
+        x1, y1, x2, y2 = ex["gold_box"]
+        assert ex["image"].getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == color
+        ex = ovd[i]
+        assert all(b["label"] in ex["labels"] for b in ex["boxes"])
+        for box, gold in zip(ex["boxes"], ex["gold_boxes"]):
+            back = data.scale_box(box["bbox_2d"], ex["frame_size"], ex["original_size"])
+            assert back == pytest.approx(gold["bbox_2d"])
+            x1, y1, x2, y2 = gold["bbox_2d"]
+            assert ex["image"].getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) != (255, 255, 255)
+    assert any(not ovd[i]["boxes"] for i in range(40)) and any(ovd[i]["boxes"] for i in range(40))
+
+
+def test_synthetic_tasks_of_two_types_do_not_mix():
+    with pytest.raises(ValueError, match="mixes task types"):
+        demo.synthetic_dataset(4, tasks=("color", "locate"))
 
 
 def test_synthetic_rejects_unknown_tasks():

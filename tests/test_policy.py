@@ -194,7 +194,8 @@ def test_vision_inputs_follow_their_sequences_with_several_prompts(tiny_model_di
     sizes = [(56, 56), (112, 56), (56, 84)]
     examples = [
         data.make_example(
-            Image.new("RGB", s, c), "q", ["a", "b"], "a", random.Random(0), 784, 50176
+            Image.new("RGB", s, c), dict(question="q", choices=["a", "b"], answer="a"),
+            random.Random(0), data.View(784, 50176),
         )
         for s, c in zip(sizes, ["red", "green", "blue"])
     ]

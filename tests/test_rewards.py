@@ -1,6 +1,13 @@
 """rewards.py on tables of cases."""
 
+import contextlib
+import io
+import json
+
+import numpy as np
 import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 import rewards
 
@@ -109,3 +116,244 @@ def test_load_reward_missing_function(tmp_path):
     path.write_text("x = 1\n")
     with pytest.raises(ValueError, match="has no function 'nope'"):
         rewards.load_reward(f"{path}:nope")
+
+
+# --- grounding: boxes, IoU, COCO AP -----------------------------------------------------------
+
+def answer(text):
+    return f"look.</think><answer>{text}</answer>"
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (answer("[10, 20, 30, 40]"), [10.0, 20.0, 30.0, 40.0]),
+        (answer("[10, 20.5, 30.25, 40]"), [10.0, 20.5, 30.25, 40.0]),
+        (answer("[-3, -4.5, 30, 40]"), [-3.0, -4.5, 30.0, 40.0]),
+        (answer('{"bbox_2d": [1,2,3,4]}'), [1.0, 2.0, 3.0, 4.0]),
+        (answer('[{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]'), [1.0, 2.0, 3.0, 4.0]),
+        (answer("[1, 2, 3, 4]") + "<answer>[5, 6, 7, 8]</answer>", [1.0, 2.0, 3.0, 4.0]),
+        ("[1, 2, 3, 4]", None),  # no answer tag
+        ("[1, 2, 3, 4] " + answer("[5, 6, 7, 8]"), [5.0, 6.0, 7.0, 8.0]),  # before the answer
+        (answer("no box") + " [1, 2, 3, 4]", None),  # after the answer
+        (answer("[1, 2, 3]"), None), (answer("[a, b, c, d]"), None),
+    ],
+)
+def test_parse_box(text, expected):
+    assert rewards.parse_box(text) == expected
+
+
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
+        ([0, 0, 10, 10], [20, 20, 30, 30], 0.0),
+        ([0, 0, 10, 10], [10, 0, 20, 10], 0.0),  # touching edges
+        ([0, 0, 10, 10], [5, 0, 15, 10], 50 / 150),  # half overlap: 50 / (100 + 100 - 50)
+        ([0, 0, 10, 10], [2, 2, 7, 7], 25 / 100),  # containment: small area / big area
+        ([0, 0, 10, 10], [5, 5, 5, 8], 0.0),  # zero width
+        ([10, 10, 0, 0], [0, 0, 10, 10], 0.0),  # inverted: area 0, no intersection
+        ([3, 3, 3, 3], [3, 3, 3, 3], 0.0),  # union 0
+    ],
+)
+def test_box_iou(a, b, expected):
+    assert rewards.box_iou(a, b) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        (answer("[0, 0, 10, 10]"), 1.0),
+        (answer("[0.0, 0.0, 5.0, 10.0]"), 0.5),  # floats score (VLM-R1's integer regex: 0)
+        (answer("the dog on the left"), 0.0),
+        ("[0, 0, 10, 10]", 0.0),  # no answer tag
+    ],
+)
+def test_iou_reward(completion, expected):
+    assert rewards.iou_reward(completion, {"box": [0, 0, 10, 10]}) == pytest.approx(expected)
+
+
+DOG = {"bbox_2d": [1.0, 2.0, 3.0, 4.0], "label": "dog"}
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (answer('```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]\n```'), [DOG]),
+        (answer('```\n[{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]```'), [DOG]),
+        (answer(' [{"bbox_2d": [1, 2, 3, 4], "label": "dog", "score": 0.9}] '), [DOG]),
+        (answer("[]"), []), (answer(" None "), []), (answer("none"), []),
+        (answer('[{"bbox_2d": [1, 2, 3, 4], "label": "dog"},]'), None),  # not JSON
+        (answer('[{"bbox_2d": [1, 2, 3, 4]}]'), None),  # no label
+        (answer('[{"label": "dog"}]'), None),  # no box
+        (answer('[{"bbox_2d": [1, 2, 3], "label": "dog"}]'), None),
+        (answer('[{"bbox_2d": [1, 2, 3, "4"], "label": "dog"}]'), None),
+        (answer('[{"bbox_2d": [1, 2, 3, true], "label": "dog"}]'), None),
+        (answer('[{"bbox_2d": [1, 2, 3, NaN], "label": "dog"}]'), None),
+        (answer('[{"bbox_2d": [1, 2, 3, 4], "label": 7}]'), None),
+        (answer('{"bbox_2d": [1, 2, 3, 4], "label": "dog"}'), None),  # not a list
+        (answer("[[1, 2, 3, 4]]"), None),
+        ('[{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]', None),  # no answer tag
+        (answer("[]") + answer('[{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]'), []),  # FIRST
+    ],
+)
+def test_parse_detections(text, expected):
+    assert rewards.parse_detections(text) == expected
+
+
+def boxes(*pairs):
+    return [{"bbox_2d": list(box), "label": label} for box, label in pairs]
+
+
+def detection_answer(detections):
+    return answer(json.dumps(detections))
+
+
+A, B = (0, 0, 100, 100), (200, 200, 300, 300)
+
+
+@pytest.mark.parametrize(
+    "predictions,gold,expected",
+    [
+        (boxes((A, "dog")), boxes((A, "dog")), 1.0),
+        # Two dogs, one found exactly: at every IoU threshold precision 1 up to recall 0.5, then
+        # nothing. COCO samples precision at the 101 recalls 0, .01, ..., 1: the 51 up to 0.5
+        # read 1, the other 50 read 0 (no detection reaches them), so AP = 51 / 101.
+        (boxes((A, "dog")), boxes((A, "dog"), (B, "dog")), 51 / 101),
+        # Exact, plus a box of a label not in the gold: AP 1, times min(1, 1 / 2).
+        (boxes((A, "dog"), (B, "cat")), boxes((A, "dog")), 0.5),
+        # IoU 6200 / 10000 = 0.62 passes the thresholds .50, .55, .60 of the ten .50:.05:.95,
+        # each with AP 1; the other seven score 0.
+        (boxes(((0, 0, 100, 62), "dog")), boxes((A, "dog")), 0.3),
+        # An inverted box written first is a false positive (COCOeval alone would ignore its
+        # negative area): precision 1/2 at recall 1, AP 0.5, times min(1, 1 / 2).
+        (boxes(((100, 100, 0, 0), "dog"), (A, "dog")), boxes((A, "dog")), 0.25),
+        # A wrong label on the right box is no match at all.
+        (boxes((A, "cat")), boxes((A, "dog")), 0.0),
+        # One of two dogs found, written after a miss: precision 1/2 at recall 0.5, so the 51
+        # recall points up to 0.5 read 1/2 and the rest 0. AP = 0.5 * 51 / 101, times 2 / 2.
+        (boxes((B, "dog"), (A, "dog")), boxes((A, "dog"), ((400, 400, 500, 500), "dog")),
+         0.5 * 51 / 101),
+        ([], [], 1.0),
+        (boxes((A, "dog")), [], 0.0),
+        ([], boxes((A, "dog")), 0.0),
+    ],
+)
+def test_detection_reward_by_hand(predictions, gold, expected):
+    reward = rewards.detection_reward(detection_answer(predictions), {"boxes": gold})
+    assert reward == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "completion,gold,expected",
+    [
+        (answer("None"), [], 1.0), (answer("None"), boxes((A, "dog")), 0.0),
+        (answer("[{bbox_2d: [0, 0, 100, 100]}]"), boxes((A, "dog")), 0.0),  # unparsable
+        (answer("[{bbox_2d: [0, 0, 100, 100]}]"), [], 0.0),  # unparsable, even with no gold
+        ("no answer at all", [], 0.0),
+    ],
+)
+def test_detection_reward_text_answers(completion, gold, expected):
+    assert rewards.detection_reward(completion, {"boxes": gold}) == expected
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        (detection_answer(boxes((A, "dog"), (B, "cat"))), 2), (answer("None"), 0),
+        (answer("[]"), 0), (answer("[1, 2, 3, 4]"), 1), (answer('{"bbox_2d": [1, 2, 3, 4]}'), 1),
+        (answer("nothing here"), 0), ("no tags", 0),
+    ],
+)
+def test_count_boxes(completion, expected):
+    assert rewards.count_boxes(completion) == expected
+
+
+def random_scene(rng):
+    """Gold boxes, and predictions: jittered golds (some relabelled), misses and extras."""
+    def random_box():
+        x, y = rng.uniform(0, 400, size=2)
+        w, h = rng.uniform(5, 200, size=2)
+        return [round(float(v), 1) for v in (x, y, x + w, y + h)]
+
+    gold = boxes(*((random_box(), str(rng.choice(["dog", "cat", "car"])))
+                   for _ in range(rng.integers(1, 6))))
+    predictions = []
+    for g in gold:
+        if rng.random() < 0.8:
+            jitter = rng.normal(0, 8, size=4)
+            x1, y1, x2, y2 = (round(float(v + j), 1) for v, j in zip(g["bbox_2d"], jitter))
+            box = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]  # inverted: by-hand case
+            label = g["label"] if rng.random() < 0.85 else str(rng.choice(["dog", "bird"]))
+            predictions.append({"bbox_2d": box, "label": label})
+    predictions += boxes(*((random_box(), str(rng.choice(["dog", "cat", "car", "bird"])))
+                           for _ in range(rng.integers(0, 3))))
+    order = rng.permutation(len(predictions))
+    return [predictions[i] for i in order], gold
+
+
+def reference_ap(predictions, golds, tmp_path):
+    """COCO AP the other way round: the gold as a json file, the predictions through loadRes."""
+    labels = sorted({g["label"] for gold in golds for g in gold})
+    category = {label: k for k, label in enumerate(labels, 1)}
+
+    def xywh(box):
+        return [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+
+    annotations = []
+    for i, gold in enumerate(golds, 1):
+        for g in gold:
+            x, y, w, h = xywh(g["bbox_2d"])
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "bbox": [x, y, w, h],
+                                "category_id": category[g["label"]], "area": w * h, "iscrowd": 0})
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps({"images": [{"id": i} for i in range(1, len(golds) + 1)],
+                                "annotations": annotations,
+                                "categories": [{"id": k, "name": n} for n, k in category.items()]}))
+    results = [{"image_id": i, "category_id": category[p["label"]], "bbox": xywh(p["bbox_2d"]),
+                "score": 1.0}
+               for i, prediction in enumerate(predictions, 1) for p in prediction
+               if p["label"] in category]
+    if not results:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(path))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return max(0.0, float(evaluator.stats[0]))
+
+
+def test_detection_reward_matches_pycocotools_used_another_way(tmp_path):
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng) for _ in range(20)]
+    for predictions, gold in scenes:
+        expected = (reference_ap([predictions], [gold], tmp_path)
+                    * min(1.0, len(gold) / len(predictions)) if predictions else 0.0)
+        reward = rewards.detection_reward(detection_answer(predictions), {"boxes": gold})
+        assert reward == pytest.approx(expected, abs=1e-9)
+    assert len({round(rewards.detection_reward(detection_answer(p), {"boxes": g}), 6)
+                for p, g in scenes}) > 5  # the scenes are not all alike
+    # The dataset-level mAP that evaluation reports: every scene an image of one evaluation.
+    predictions, golds = zip(*scenes)
+    assert rewards.coco_ap(predictions, golds) == pytest.approx(
+        reference_ap(predictions, golds, tmp_path), abs=1e-9)
+
+
+def test_coco_ap_undefined_or_empty_is_zero():
+    assert rewards.coco_ap([boxes((A, "dog"))], [[]]) == 0.0  # no gold box: AP undefined
+    assert rewards.coco_ap([boxes((A, "cat"))], [boxes((A, "dog"))]) == 0.0  # nothing scored
+    assert rewards.coco_ap([[], boxes((A, "dog"))], [boxes((A, "dog")), []]) == 0.0
+
+
+def test_grounding_rewards_are_registered_and_scored():
+    funcs, weights = rewards.load_rewards(["iou", "detection"])
+    examples = [{"box": list(A), "boxes": boxes((A, "dog"))}] * 3
+    completions = [answer("[0, 0, 100, 100]"), detection_answer(boxes((A, "dog"))), "no answer"]
+    total, parts, errors = rewards.score_completions(completions, examples, funcs, weights)
+    # A bare box is no detection list; a one-box list also carries the box parse_box reads.
+    assert parts["iou"] == [1.0, 1.0, 0.0] and errors == {"iou": 0, "detection": 0}
+    # pycocotools divides by tp + fp + eps, so a perfect AP is 1 - 2e-16.
+    assert parts["detection"] == pytest.approx([0.0, 1.0, 0.0])
+    assert total == pytest.approx([1.0, 2.0, 0.0])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import data
 import demo
 import train
 
@@ -142,11 +143,12 @@ def test_held_out_rows_differ_from_training_rows(tmp_path):
             "--synthetic_image_size", "56",
         ]
     )
-    held_out = train.held_out_examples(cfg)
+    held_out = train.held_out_examples(cfg, data.View(), "choice")
     training = demo.synthetic_dataset(8, cfg.seed, tuple(cfg.synthetic_tasks), 56)
     assert len(held_out) == 8
     assert all(
         h["image"].tobytes() != training[i]["image"].tobytes() for i, h in enumerate(held_out)
     )
     with pytest.raises(ValueError, match="--eval_dataset"):
-        train.held_out_examples(train.parse_config(["--dataset", "x.jsonl", "--eval_steps", "1"]))
+        cfg = train.parse_config(["--dataset", "x.jsonl", "--eval_steps", "1"])
+        train.held_out_examples(cfg, data.View(), "choice")
