@@ -419,7 +419,10 @@ def load_jsonl(path, limit=0, seed=0, view=View(), flag="--dataset"):
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
-            task = task or task_type(row)
+            row_task = task_type(row)
+            task = task or row_task
+            if row_task != task:
+                raise ValueError(f"a {row_task} row in a file of {task} rows (one task a file)")
             missing = [k for k in ("image",) + TASK_FIELDS[task] if k not in row]
             if missing:
                 raise ValueError(f"missing field(s) {missing} of a {task} row")

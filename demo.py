@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
@@ -35,7 +35,7 @@ DEMO = dict(model=MODEL, dataset="synthetic", synthetic_tasks=["background"],
             learning_rate=3e-3, lr_scheduler="constant", beta=0.04, lora_r=16, lora_alpha=32,
             train_vision=True, save_steps=100, gradient_checkpointing=False,
             log_samples_steps=50)
-DEMO_GROUNDING = {**DEMO, "synthetic_tasks": ["locate"], "max_completion_length": 16}
+DEMO_GROUNDING = {**DEMO, "synthetic_tasks": ["locate"], "max_completion_length": 24}
 DEMOS = {"choice": DEMO, "grounding": DEMO_GROUNDING}  # --demo, --demo grounding
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -164,19 +164,26 @@ def synthetic_vocabulary(grounding=False):
     words = list(COLORS) + list(SHAPES) + ["left", "right", "above", "below", "1", "2", "3", "4"]
     texts = [data.PROMPT_TEMPLATE, data.question_text("x", ["a", "b"])]
     if grounding:
-        texts += [data.REC_QUESTION, data.OVD_QUESTION, "the", '[{"bbox_2d": [1, 2], "label": '
-                  '"x"}, {"bbox_2d": [3]}]', " ".join(map(str, range(1001)))]
+        texts += [data.REC_QUESTION, data.OVD_QUESTION, "the []",
+                  '[{"bbox_2d": [1, 2, 3, 4], "label": "circle"}]', " ".join(map(str, range(1001)))]
     return texts + list(SYNTHETIC_QUESTIONS.values()) + words + TAGS
 
 
 # --- the tiny model -----------------------------------------------------------------------------
 
-def build_tokenizer(texts):
-    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`."""
-    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)})
+def build_tokenizer(texts, exact=False):
+    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`.
+    `exact`: every word, punctuation mark and whitespace run is a token and decoding joins them
+    as they were, so a JSON answer decodes to valid JSON (plain word-level decoding puts a space
+    between all tokens)."""
+    pattern = r"\s+|\w+|[^\w\s]" if exact else r"\w+|[^\w\s]+"
+    words = sorted({w for t in texts for w in re.findall(pattern, t)})
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["[UNK]"] + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if exact:
+        core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                   padding_side="left")
@@ -246,7 +253,7 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_v
     """Build and save a tiny random Qwen2-VL, its tokenizer and processor into `folder`; with
     family="qwen2_5_vl", a tiny Qwen2.5-VL whose processor has a chat template."""
     instruct = family == "qwen2_5_vl"
-    tok = build_tokenizer(texts + [CHAT_WORDS] if instruct else texts)
+    tok = build_tokenizer(texts + [CHAT_WORDS] if instruct else texts, exact=instruct)
     half = hidden // 4 // 2  # M-RoPE splits half the head dim into (time, height, width)
     section = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
     if family == "qwen2_vl":

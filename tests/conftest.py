@@ -21,3 +21,12 @@ def pytest_configure(config):
         "markers", "slow: end-to-end runs of the real command line (minutes on CPU)"
     )
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25_dir(tmp_path_factory):
+    """A tiny random Qwen2.5-VL (Instruct: a chat template; answers boxes in pixels) whose
+    vocabulary covers the grounding prompts, JSON and numbers."""
+    folder = tmp_path_factory.mktemp("tiny-qwen25vl")
+    return str(demo.build_tiny_model(folder, demo.synthetic_vocabulary(grounding=True),
+                                     family="qwen2_5_vl"))
