@@ -4,9 +4,7 @@ Each field of the dataclass is a flag; its metadata holds the help (`help`), and
 `choices`, `nargs` / `const` (for an optional value), `min` (both checked by `check_values`) and
 `default_help` (how --help shows the default). The element type of a flag comes from the
 annotation (`int`, `float`, `list[float]`, `str | None`...). Presets are named sets of values
-(the demos') applied under the flags given: `presets = {"demo": {"choice": {...}, "grounding":
-{...}}}` makes `--demo [choice|grounding]` (the first without a value), and
-`Config(**presets["demo"]["grounding"])` is `--demo grounding`.
+(the demo's) applied under the flags given, so `Config(**presets["demo"])` is `--demo`.
 """
 
 import argparse
@@ -57,14 +55,11 @@ def build_parser(cls, description, presets=None):
     """An argparse parser with one flag per field of `cls`. Flags not given are left out of the
     namespace, so the dataclass defaults (or a preset's) apply."""
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, variants in (presets or {}).items():
-        shown = "; ".join(f"{variant}: " + " ".join(
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in values.items()) for variant, values in variants.items())
-        parser.add_argument(f"--{name}", nargs="?", const=next(iter(variants)),
-                            choices=list(variants), default=argparse.SUPPRESS,
-                            help=f"preset (default {next(iter(variants))}), the flags you give "
-                            f"win. {shown}")
+    for name, values in (presets or {}).items():
+        shown = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in values.items())
+        parser.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS,
+                            help=f"preset, the flags you give win: {shown}")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, is_list = _unwrap(hints[f.name])
@@ -86,9 +81,9 @@ def parse(cls, argv, description, presets=None):
     """The command line as an instance of `cls`: preset values first, the flags given on top."""
     given = vars(build_parser(cls, description, presets).parse_args(argv))
     values = {}
-    for name, variants in (presets or {}).items():
-        if name in given:
-            values.update(variants[given.pop(name)])
+    for name, preset in (presets or {}).items():
+        if given.pop(name, False):
+            values.update(preset)
     return cls(**{**values, **given})
 
 

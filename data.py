@@ -66,10 +66,11 @@ def question_text(question, choices):
 
 
 def task_type(fields):
-    """choice, rec or ovd, from which fields a row has."""
-    for task, names in TASK_FIELDS.items():
-        if names[0] in fields:
-            return task
+    """choice, rec or ovd: the task most of whose fields the row has."""
+    have = {task: sum(name in fields for name in names) for task, names in TASK_FIELDS.items()}
+    task = max(have, key=have.get)
+    if have[task]:
+        return task
     raise ValueError("the row has none of the fields of a task: "
                      + "; ".join(f"{t}: {list(n)}" for t, n in TASK_FIELDS.items()))
 

@@ -1,5 +1,6 @@
-"""The offline demos: a tiny random Qwen2-VL (Qwen2.5-VL for grounding) with a tiny word-level
-tokenizer, synthetic sets of coloured shapes, the demos' settings, and the format warm-up.
+"""The offline demo: a tiny random Qwen2-VL (a Qwen2.5-VL for the synthetic grounding tasks) with
+a tiny word-level tokenizer, synthetic sets of coloured shapes, the demo's settings, and the format
+warm-up.
 
 The tiny model has the real architecture (M-RoPE, the vision tower with its 2x2 patch merger,
 the Qwen special tokens) and is saved as an ordinary model folder, so it goes through exactly the
@@ -35,8 +36,6 @@ DEMO = dict(model=MODEL, dataset="synthetic", synthetic_tasks=["background"],
             learning_rate=3e-3, lr_scheduler="constant", beta=0.04, lora_r=16, lora_alpha=32,
             train_vision=True, save_steps=100, gradient_checkpointing=False,
             log_samples_steps=50)
-DEMO_GROUNDING = {**DEMO, "synthetic_tasks": ["locate"], "max_completion_length": 24}
-DEMOS = {"choice": DEMO, "grounding": DEMO_GROUNDING}  # --demo, --demo grounding
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]

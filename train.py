@@ -137,9 +137,8 @@ class Config:
 
 
 def parse_config(argv=None):
-    """The command line is the Config; --demo [grounding] applies demo.DEMOS' settings first, the
-    flags given win."""
-    return cli.parse(Config, argv, __doc__, presets={"demo": demo.DEMOS})
+    """The command line is the Config; --demo applies demo.DEMO first, the flags given win."""
+    return cli.parse(Config, argv, __doc__, presets={"demo": demo.DEMO})
 
 
 # Settings that may change on --resume: they do not touch the saved state.
