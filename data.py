@@ -277,6 +277,12 @@ class Examples(Rows):
         self.read, self.seed, self.view, self.task_type = read, seed, view, task
         self.shuffle = shuffle
 
+    def shown_as(self, view):
+        """From now on, build rows with `view`'s prompt and box frame, known once the model is
+        (rows are checked before, without them); the pixel budget stays this set's."""
+        self.view = dataclasses.replace(self.view, template=view.template, frame=view.frame)
+        return self
+
     def build(self, i):
         image, fields = self.read(i)
         rng = random.Random(self.seed * 1_000_003 + i) if self.shuffle else None  # (detail 14)

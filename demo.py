@@ -21,8 +21,8 @@ import transformers
 from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoProcessor, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                          Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+                          Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLImageProcessor,
+                          Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
 import data
 import policy
@@ -118,11 +118,12 @@ def synthetic_row(rng, task, image_size):
         question = SYNTHETIC_QUESTIONS[task].format(shape=shapes[0])
     else:
         question = SYNTHETIC_QUESTIONS[task].format(a=names[0], b=names[1])
-        choices, gold = {"leftright": (["left", "right"], "left" if spots[0][0] < spots[1][0]
-                                       else "right"),
-                         "abovebelow": (["above", "below"], "above" if spots[0][1] < spots[1][1]
-                                        else "below")}.get(
-            task, (names, names[0] if radii[0] > radii[1] else names[1]))
+        if task == "leftright":
+            choices, gold = ["left", "right"], "left" if spots[0][0] < spots[1][0] else "right"
+        elif task == "abovebelow":
+            choices, gold = ["above", "below"], "above" if spots[0][1] < spots[1][1] else "below"
+        else:
+            choices, gold = names, names[0] if radii[0] > radii[1] else names[1]
     rng.shuffle(choices)  # the same generator goes on shuffling the options
     return image, {"question": question, "choices": choices, "answer": gold}
 

@@ -15,7 +15,6 @@ reported. Grounding (rec): Acc@IoU>=0.5 and the mean IoU, the answer's box mappe
 original-image pixels. Detection (ovd): COCO mAP@[.5:.95] over the whole dataset (pycocotools).
 """
 
-import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -120,18 +119,22 @@ def eval_items(examples, task, source):
     return data.Rows(examples.name, len(examples), make, examples.where)
 
 
-def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, view=data.View()):
-    """CV-Bench items. Both hub layouts load: the single test.parquet (before 2025-04-01) and
-    test_2d.parquet + test_3d.parquet (after); `source` is a hub id or a local folder."""
+def read_cvbench(source="nyu-visionx/CV-Bench", limit=0):
+    """CV-Bench's table, its columns checked. Both hub layouts load: the single test.parquet
+    (before 2025-04-01) and test_2d.parquet + test_3d.parquet (after); `source` is a hub id or a
+    local folder."""
     ds = data.load_hub_dataset(source, "--dataset", data_files={"test": "test*.parquet"},
                                split="test")
     needed = ("idx", "task", "source", "image", "prompt", "choices", "answer")
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
         raise UserError(f"--dataset {source}: not CV-Bench, it lacks the columns {missing}")
-    if limit:
-        ds = ds.select(range(min(limit, len(ds))))
+    return ds.select(range(min(limit, len(ds)))) if limit else ds
 
+
+def cvbench_items(ds, source, view):
+    """CV-Bench rows as eval items, prompted as `view` says (the row's `prompt` is the
+    question); each row is checked when it is used."""
     def make(i):
         row = ds[i]
         letter = row["answer"].strip("() ")
@@ -145,6 +148,10 @@ def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, view=data.View()):
                 "choices": list(row["choices"]), "gold": LETTERS.index(letter), "lettered": True}
 
     return data.Rows(f"{source}[test]", len(ds), make, lambda i: f"{source}[test] row {i + 1}")
+
+
+def load_cvbench(source="nyu-visionx/CV-Bench", limit=0, view=data.View()):
+    return cvbench_items(read_cvbench(source, limit), source, view)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -287,17 +294,26 @@ def provenance(cfg, view):
     return {**record, "prompt": view.template, "frame": view.frame}
 
 
-def load_items(cfg, view, check=True):
-    """The items to evaluate, as `view` shows them; with `check`, every row checked first."""
+def load_rows(cfg):
+    """The data, read before any model: CV-Bench's table (its rows are checked as they are
+    used), or the examples of the other benchmarks with every row checked."""
+    source = cfg.dataset or {"cvbench": "nyu-visionx/CV-Bench", "sat": "array/SAT",
+                             **data.REFCOCO}[cfg.benchmark]
     if cfg.benchmark == "cvbench":
-        return load_cvbench(cfg.dataset or "nyu-visionx/CV-Bench", cfg.limit, view)
-    source = cfg.dataset or {"sat": "array/SAT", **data.REFCOCO}[cfg.benchmark]
-    examples = data.load_examples(source, cfg.split, cfg.limit, cfg.seed, view)
-    if check:
-        data.check_rows(examples)
+        return read_cvbench(source, cfg.limit)
+    examples = data.load_examples(source, cfg.split, cfg.limit, cfg.seed,
+                                  data.View(cfg.min_pixels, cfg.max_pixels))
+    data.check_rows(examples)
+    return examples
+
+
+def load_items(cfg, rows, view):
+    """The items to evaluate, prompted and framed as `view` (the model's) says."""
+    if cfg.benchmark == "cvbench":
+        return cvbench_items(rows, cfg.dataset or "nyu-visionx/CV-Bench", view)
     if cfg.benchmark == "jsonl":
-        return eval_items(examples, "task", Path(cfg.dataset).name)
-    return eval_items(examples, cfg.split, cfg.benchmark)
+        return eval_items(rows.shown_as(view), "task", Path(cfg.dataset).name)
+    return eval_items(rows.shown_as(view), cfg.split, cfg.benchmark)
 
 
 def load_done(out, cfg, view):
@@ -336,10 +352,10 @@ def evaluate(cfg):
     if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
         raise UserError(f"--adapter {cfg.adapter}: no adapter_config.json there")
     out = data.writable_dir(cfg.output_dir, "--output_dir")
-    load_items(cfg, data.View(cfg.min_pixels, cfg.max_pixels))  # the data first: every row
+    rows = load_rows(cfg)
     view = policy.model_view(cfg.model, cfg.prompt_format, cfg.min_pixels, cfg.max_pixels)
     done = load_done(out, cfg, view)
-    items = load_items(cfg, view, check=False)
+    items = load_items(cfg, rows, view)
     predictions = out / "predictions.jsonl"
     predictions.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
     (out / "eval_config.json").write_text(json.dumps(provenance(cfg, view), indent=2))

@@ -293,8 +293,8 @@ def rollout_metrics(rollout, texts, group_examples, total, parts, errors, eos_id
                         float(np.mean([rewards.is_reflective(t) for t in texts]))})
     if group_examples[0]["task_type"] != "choice":
         metrics["boxes/per_answer"] = float(np.mean([rewards.count_boxes(t) for t in texts]))
-        metrics["boxes/gold"] = float(np.mean([len(ex.get("boxes", [None]))
-                                               for ex in group_examples]))
+        metrics["boxes/gold"] = float(np.mean([len(ex["boxes"]) if "boxes" in ex else 1
+                                               for ex in group_examples]))  # rec: one box
     return metrics
 
 
@@ -513,11 +513,9 @@ def train(cfg):
         model_name = demo.build_demo_model(out / "demo-base", cfg.seed, cfg.synthetic_tasks,
                                            cfg.synthetic_image_size)
     view = policy.model_view(model_name, cfg.prompt_format, cfg.min_pixels, cfg.max_pixels)
-    for examples in (dataset, held_out):
-        if examples is not None:
-            examples.view = dataclasses.replace(examples.view, template=view.template,
-                                                frame=view.frame)
-    held_out = held_out and evaluation.eval_items(held_out, "held-out", held_out.name)
+    dataset.shown_as(view)
+    held_out = held_out and evaluation.eval_items(held_out.shown_as(view), "held-out",
+                                                  held_out.name)
     processor = policy.load_processor(model_name)
     check_prompt_lengths(processor, prompt_rows, dataset.name, view.template,
                          cfg.max_prompt_length)
