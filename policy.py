@@ -151,6 +151,37 @@ def add_lora(model, r, alpha, dropout=0.0, train_vision=False, gradient_checkpoi
     return model
 
 
+def apply_liger_kernels(model):
+    """Liger's Triton kernels (CUDA only) in place of the RMSNorms, LayerNorms, SwiGLU MLPs and
+    the rotary embedding, module by module: liger-kernel 0.8.5's one-call patch for Qwen2-VL
+    fails on transformers 5.23 (REFERENCE 5). Each module keeps its weights and LoRA layers;
+    only its forward changes. Returns the number of modules patched."""
+    from liger_kernel.transformers import monkey_patch as liger
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from transformers.activations import SiLUActivation
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    # transformers 5 folds M-RoPE's sections into cos/sin and then applies the plain rotation,
+    # a module-level function: Liger's plain RoPE kernel replaces it for the whole process.
+    for module in (modeling_qwen2_vl, modeling_qwen2_5_vl):
+        module.apply_rotary_pos_emb = liger_rotary_pos_emb
+    patched = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):      # Qwen2VLRMSNorm, Qwen2_5_VLRMSNorm
+            liger._patch_rms_norm_module(module)
+        elif isinstance(module, torch.nn.LayerNorm):          # Qwen2-VL's vision tower
+            liger._patch_layer_norm_module(module)
+        elif hasattr(module, "gate_proj") and isinstance(getattr(module, "act_fn", None),
+                                                          SiLUActivation):  # SwiGLU MLPs
+            liger._patch_swiglu_module(module, LigerSwiGLUMLP)
+        else:
+            continue
+        patched += 1
+    return patched
+
+
 # --- the batch ----------------------------------------------------------------------------------
 
 def encode_prompts(processor, examples, group_size):

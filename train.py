@@ -101,7 +101,9 @@ class Config:
     lora_dropout: float = flag(0.0, "LoRA dropout (0 keeps the ratio exact across passes)", min=0)
     train_vision: bool = flag(False, "also train the vision tower (frozen otherwise)")
     load_in_4bit: bool = flag(False, "QLoRA: the language model in 4-bit NF4")
-    use_liger: bool = flag(False, "loss through Liger's fused linear GRPO loss")
+    use_liger: bool | None = flag(None, "Liger: its fused linear GRPO loss, and on CUDA its "
+                                  "Triton kernels (norms, RoPE, SwiGLU)",
+                                  default_help="on with CUDA, off on CPU")
     gradient_checkpointing: bool = flag(True, "recompute activations: less memory, more time")
     logp_chunk_size: int = flag(1024, "completion tokens per vocabulary-projection chunk", min=1)
     # evaluation during training
@@ -150,8 +152,11 @@ RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl")
 
 
 def load_model(cfg, device, model_name=None):
-    """The base model (`model_name`, default --model) with a fresh LoRA adapter."""
+    """The base model (`model_name`, default --model), Liger's kernels on CUDA, a fresh LoRA
+    adapter."""
     model, processor = policy.load_base_model(model_name or cfg.model, device, cfg.load_in_4bit)
+    if cfg.use_liger and device.type == "cuda":  # Triton kernels: no CPU version
+        policy.apply_liger_kernels(model)
     model = policy.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                             cfg.train_vision, cfg.gradient_checkpointing)
     return model, processor
@@ -486,6 +491,8 @@ def write_logs(out, metrics, group_examples, texts, parts, cfg):
 
 def train(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.use_liger is None:  # on where its kernels run
+        cfg = dataclasses.replace(cfg, use_liger=device.type == "cuda")
     # 0. Everything that can be checked before any model is loaded: flags (Config), the output
     #    folder, every dataset row and image, the rewards, the checkpoint to resume from.
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)

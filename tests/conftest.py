@@ -23,6 +23,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen25_dir(tmp_path_factory):
     """A tiny random Qwen2.5-VL (Instruct: a chat template; answers boxes in pixels) whose

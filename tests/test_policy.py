@@ -242,3 +242,37 @@ def test_update_reports_the_mean_of_its_iterations_stats(rollout, monkeypatch):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
     stats = train.update(model, optimizer, scheduler, batch, cfg)
     assert stats["kl"] == 2.0 and stats["loss"] == 1.0 and stats["nonfinite"] == 0
+
+
+def test_liger_kernels_replace_every_norm_mlp_and_the_rotary_embedding(tiny_model_dir,
+                                                                        monkeypatch):
+    from liger_kernel.transformers.layer_norm import LigerLayerNorm
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+
+    for module in (modeling_qwen2_vl, modeling_qwen2_5_vl):  # restored after the test
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
+    model, _ = policy.load_base_model(tiny_model_dir, torch.device("cpu"))
+    text, vision = model.config.text_config, model.config.vision_config
+    patched = policy.apply_liger_kernels(model)
+
+    def kind(module):
+        return getattr(module.forward, "__func__", None)
+    forwards = [kind(m) for m in model.modules()]
+    layers, depth = text.num_hidden_layers, vision.depth
+    assert forwards.count(LigerRMSNorm.forward) == 2 * layers + 1  # + the final norm
+    assert forwards.count(LigerSwiGLUMLP.forward) == layers  # the vision MLP is GELU: untouched
+    assert forwards.count(LigerLayerNorm.forward) == 2 * depth + 1  # + the merger's
+    assert patched == 3 * layers + 2 * depth + 2
+    assert modeling_qwen2_vl.apply_rotary_pos_emb is liger_rotary_pos_emb
+
+
+def test_liger_is_off_by_default_on_cpu(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    assert cfg.use_liger is None  # decided by the device when the run starts
+    model, _ = train.load_model(train.dataclasses.replace(cfg, use_liger=True),
+                                torch.device("cpu"))
+    assert not any(hasattr(m, "casting_mode") for m in model.modules())  # no Triton on CPU
