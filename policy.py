@@ -11,7 +11,6 @@ import warnings
 from typing import NamedTuple
 
 import torch
-from transformers import BatchFeature
 
 import data
 import grpo
@@ -184,23 +183,48 @@ def apply_liger_kernels(model):
 
 # --- the batch ----------------------------------------------------------------------------------
 
-def encode_prompts(processor, examples, group_size):
-    """Tokenize B prompts with their images, left-padded, each repeated G times (prompt-major).
-    The processor sees each image once; its tensors are repeated, which is what it would give
-    for the repeated lists, G times cheaper."""
+def encode_prompts(processor, examples, group_size, device="cpu"):
+    """Tokenize B prompts with their images, left-padded: the text repeated G times
+    (prompt-major), each image's patches once. The G sequences of a prompt share its image
+    tensors, so that the vision tower sees each image once (detail 12). Returns the prompt
+    fields of a Rollout."""
     enc = processor(text=[ex["prompt"] for ex in examples], images=[ex["image"] for ex in examples],
-                    padding=True, padding_side="left", return_tensors="pt")
-    if group_size == 1:
-        return enc
+                    padding=True, padding_side="left", return_tensors="pt").to(device)
     vision_start = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS[2])
-    images = (enc["input_ids"] == vision_start).sum(1).tolist()               # (B,)
-    grids = torch.split(enc["image_grid_thw"], images)                         # B x (images, 3)
-    patches = torch.split(enc["pixel_values"], [int(g.prod(-1).sum()) for g in grids])
-    out = {k: v.repeat_interleave(group_size, dim=0) for k, v in enc.items()
-           if k not in ("pixel_values", "image_grid_thw")}                     # (N, P)
-    out["pixel_values"] = torch.cat([p for p in patches for _ in range(group_size)])
-    out["image_grid_thw"] = torch.cat([g for g in grids for _ in range(group_size)])
-    return BatchFeature(out)
+    grids = enc["image_grid_thw"]                                              # (images, 3)
+    patches = torch.split(enc["pixel_values"], grids.prod(-1).tolist())      # images x (p_i, D)
+    per_prompt = torch.split(torch.arange(len(grids)),
+                             (enc["input_ids"] == vision_start).sum(1).tolist())  # B x (i,)
+    slots = [i for images in per_prompt for _ in range(group_size) for i in images.tolist()]
+    text = {k: enc[k].repeat_interleave(group_size, dim=0)                     # (N, P)
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return {**text, "images": [patches[i] for i in slots], "image_grid_thw": grids[slots]}
+
+
+def vision_trainable(model):
+    return any(p.requires_grad for name, p in model.named_parameters() if ".visual." in name)
+
+
+def image_features(model, images, image_grid_thw):
+    """The vision tower's output for each image (tokens_i, H), computed once per DISTINCT image
+    tensor: the G sequences of a prompt share theirs (detail 12)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    first = {}                               # id of an image tensor -> the first slot showing it
+    for slot, image in enumerate(images):
+        first.setdefault(id(image), slot)
+    slots = list(first.values())
+    features = base.model.get_image_features(torch.cat([images[s] for s in slots]),
+                                             image_grid_thw[slots]).pooler_output
+    found = {id(images[s]): f for s, f in zip(slots, features)}
+    return [found[id(image)] for image in images]
+
+
+def encoder_outputs(features):
+    """Image features in the form the model's forward and generate take them instead of pixels
+    (`mm_encoder_outputs`), so that they are not computed again."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
 
 
 @dataclasses.dataclass
@@ -209,11 +233,12 @@ class Rollout:
     prompt_ids: torch.Tensor         # (N, P) left-padded
     prompt_mask: torch.Tensor        # (N, P)
     mm_token_type_ids: torch.Tensor  # (N, P) 1 at image tokens
-    pixel_values: torch.Tensor       # (patches, D) the patches of every image, back to back
-    image_grid_thw: torch.Tensor     # (images, 3) one row per image
+    images: list                     # per image of each sequence, its patches (p_i, D), shared
+    image_grid_thw: torch.Tensor     # (images, 3) one row per image of each sequence
     images_per_seq: torch.Tensor     # (N,)
     completion_ids: torch.Tensor     # (N, C)
     completion_mask: torch.Tensor    # (N, C) up to and including the first EOS
+    image_features: list = None      # like `images`, the features (tokens_i, H) of a frozen tower
     advantages: torch.Tensor = None  # (N,)
     old_logp: torch.Tensor = None    # (N, C) the sampling policy's, when num_iterations > 1
     ref_logp: torch.Tensor = None    # (N, C) the reference's, when beta != 0
@@ -221,22 +246,19 @@ class Rollout:
     @classmethod
     def from_encoding(cls, enc, completion_ids, completion_mask, vision_start_id):
         return cls(enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"],
-                   enc["pixel_values"], enc["image_grid_thw"],
+                   enc["images"], enc["image_grid_thw"],
                    (enc["input_ids"] == vision_start_id).sum(1), completion_ids, completion_mask)
 
     def __len__(self):
         return self.prompt_ids.shape[0]
 
     def select(self, start, end):
-        """Sequences [start, end) with the vision inputs that belong to them (detail 12)."""
-        first_image = int(self.images_per_seq[:start].sum())
-        last_image = int(self.images_per_seq[:end].sum())
-        patches = self.image_grid_thw.prod(-1)                                 # (images,)
-        first_patch, last_patch = int(patches[:first_image].sum()), int(patches[:last_image].sum())
+        """Sequences [start, end) with the images that belong to them (detail 12)."""
+        first, last = int(self.images_per_seq[:start].sum()), int(self.images_per_seq[:end].sum())
         rows = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         rows = {k: v[start:end] if v is not None else None for k, v in rows.items()}
-        rows.update(pixel_values=self.pixel_values[first_patch:last_patch],  # (detail 12)
-                    image_grid_thw=self.image_grid_thw[first_image:last_image])
+        rows.update(images=self.images[first:last], image_grid_thw=self.image_grid_thw[first:last],
+                    image_features=self.image_features and self.image_features[first:last])
         return Rollout(**rows)
 
     def trimmed(self):
@@ -257,14 +279,18 @@ class Rollout:
         for start in range(0, len(self), size):
             yield start, self.select(start, min(start + size, len(self))).trimmed()
 
-    def model_inputs(self):
-        """Forward kwargs for prompt + completion. transformers >= 5 needs mm_token_type_ids over
-        the WHOLE sequence (zeros over the completion) to place the M-RoPE positions."""
+    def model_inputs(self, features=None):
+        """Forward kwargs for prompt + completion: the images as their `features` (one per image,
+        see image_features), else as pixels, each sequence's own (the vision tower then runs once
+        per sequence). transformers >= 5 needs mm_token_type_ids over the WHOLE sequence (zeros
+        over the completion) to place the M-RoPE positions."""
         completion_types = torch.zeros_like(self.completion_ids)
+        images = ({"mm_encoder_outputs": encoder_outputs(features)} if features is not None
+                  else {"pixel_values": torch.cat(self.images)})
         return {"input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1),       # (N, P+C)
                 "attention_mask": torch.cat([self.prompt_mask, self.completion_mask], 1),
                 "mm_token_type_ids": torch.cat([self.mm_token_type_ids, completion_types], 1),
-                "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+                "image_grid_thw": self.image_grid_thw, **images}
 
 
 # --- generation ---------------------------------------------------------------------------------
@@ -292,20 +318,28 @@ def generate(model, processor, examples, gen_config, group_size=1, max_prompt_le
     """ONE batched generate for the G completions of each of the B prompts (detail 11), used by
     training and evaluation alike. Returns the Rollout and the completion texts."""
     tokens = special_tokens(processor)
-    enc = encode_prompts(processor, examples, group_size).to(model.device)
+    enc = encode_prompts(processor, examples, group_size, model.device)
     P = enc["input_ids"].shape[1]
     if max_prompt_length and P > max_prompt_length:
         raise UserError(f"a prompt is {P} tokens, over --max_prompt_length {max_prompt_length}; "
                         "lower --max_pixels or raise --max_prompt_length")
     was_training = model.training
     model.eval()
-    out = model.generate(**enc, generation_config=gen_config)     # (N, P + C) (detail 11)
+    features = image_features(model, enc["images"], enc["image_grid_thw"])  # once per image
+    out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                         mm_token_type_ids=enc["mm_token_type_ids"],
+                         image_grid_thw=enc["image_grid_thw"],
+                         mm_encoder_outputs=encoder_outputs(features),
+                         generation_config=gen_config)                 # (N, P + C) (detail 11)
     model.train(was_training)
     completion_ids = out[:, P:]                                                # (N, C)
     mask = grpo.completion_mask(completion_ids, tokens.eos)                    # (N, C)
     texts = processor.batch_decode([ids[m.bool()] for ids, m in zip(completion_ids, mask)],
                                    skip_special_tokens=True)
-    return Rollout.from_encoding(enc, completion_ids, mask, tokens.vision_start), texts
+    rollout = Rollout.from_encoding(enc, completion_ids, mask, tokens.vision_start)
+    if not vision_trainable(model):  # the same features serve every pass of this step
+        rollout.image_features = features
+    return rollout, texts
 
 
 # --- log-probs and the loss ---------------------------------------------------------------------
@@ -314,7 +348,10 @@ def completion_hidden(model, rollout):
     """Final hidden states at the positions that predict the completion tokens (n, C, H), and
     the output projection (V, H). `model` is a peft model or a plain Qwen2-VL."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(**rollout.model_inputs(), use_cache=False).last_hidden_state  # (n, P+C, H)
+    features = rollout.image_features or image_features(model, rollout.images,
+                                                        rollout.image_grid_thw)
+    hidden = base.model(**rollout.model_inputs(features),
+                        use_cache=False).last_hidden_state                     # (n, P+C, H)
     P, C = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
     return hidden[:, P - 1:P + C - 1], base.lm_head.weight
 

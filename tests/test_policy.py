@@ -210,7 +210,7 @@ def test_vision_inputs_follow_their_sequences_with_several_prompts(tiny_model_di
         part = batch.select(start, end)
         alone = policy.encode_prompts(processor, [examples[i // G] for i in range(start, end)], 1)
         assert torch.equal(part.image_grid_thw, alone["image_grid_thw"])
-        assert torch.equal(part.pixel_values, alone["pixel_values"])
+        assert torch.equal(torch.cat(part.images), torch.cat(alone["images"]))
         assert len(part) == end - start and part.completion_ids.shape[0] == end - start
 
 
@@ -228,9 +228,52 @@ def test_prompts_are_encoded_once_and_repeated_as_the_processor_would(tiny_model
         return_tensors="pt",
     )
     encoded = policy.encode_prompts(processor, examples, 3)
-    assert set(encoded) == set(repeated)
-    for key in repeated:
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(encoded[key], repeated[key]), key
+    assert torch.equal(torch.cat(encoded["images"]), repeated["pixel_values"])
+    images = encoded["images"]  # a group shares its prompt's tensor: no copy, one encoding
+    assert images[0] is images[1] is images[2] and images[2] is not images[3]
+
+
+def count_vision_calls(model):
+    calls = []
+    visual = model.get_base_model().model.visual
+    return calls, visual.register_forward_hook(lambda module, args, out: calls.append(1))
+
+
+def test_greedy_generation_equals_the_repeated_image_path(rollout):
+    cfg, model, processor, batch, texts, examples = rollout
+    greedy = policy.generation_config(processor, max_new_tokens=8, greedy=True)
+    calls, hook = count_vision_calls(model)
+    ours, _ = policy.generate(model, processor, examples, greedy, group_size=2)
+    hook.remove()
+    assert len(calls) == 1  # every image of the batch in one call, each once
+    enc = processor(text=[ex["prompt"] for ex in examples for _ in range(2)],
+                    images=[ex["image"] for ex in examples for _ in range(2)],
+                    padding=True, padding_side="left", return_tensors="pt")
+    model.eval()  # as policy.generate does: gradient checkpointing would turn the cache off
+    with torch.no_grad():
+        plain = model.generate(**enc, generation_config=greedy)  # each image once per sequence
+    assert torch.equal(ours.completion_ids, plain[:, enc["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_the_vision_tower_runs_once_per_step_when_frozen(tiny_model_dir, tmp_path, train_vision):
+    cfg = tiny_config(tiny_model_dir, tmp_path, micro_batch_size=2, num_iterations=2)
+    cfg = train.dataclasses.replace(cfg, train_vision=train_vision)
+    model, processor = train.load_model(cfg, torch.device("cpu"))
+    examples = [demo.synthetic_dataset(3, seed=1, image_size=56)[i] for i in range(3)]
+    calls, hook = count_vision_calls(model)
+    batch, _ = policy.generate(model, processor, examples, generation(processor, cfg), 2)
+    batch.advantages = torch.tensor([1.0, -1.0] * 3)
+    train.add_old_and_ref_logps(model, batch, cfg)  # old (mu 2) and reference log-probs
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    train.update(model, optimizer, scheduler, batch, cfg)
+    hook.remove()
+    # Trained: generation, then each pass (old, reference, 2 updates) per micro-batch of 2.
+    passes = 4 * len(batch) // 2
+    assert len(calls) == (1 + passes if train_vision else 1)
 
 
 def test_update_reports_the_mean_of_its_iterations_stats(rollout, monkeypatch):

@@ -126,10 +126,11 @@ def test_prompts_are_encoded_once_and_repeated_as_the_processor_would(lora_model
                          padding=True, padding_side="left", return_tensors="pt")
     encoded = policy.encode_prompts(processor, examples, 2)
     # The forward inputs for images are Qwen2-VL's: no second_per_grid_ts (videos only).
-    assert set(encoded) == set(repeated) == {"input_ids", "attention_mask", "mm_token_type_ids",
-                                             "pixel_values", "image_grid_thw"}
-    for key in repeated:
+    assert set(repeated) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
+                             "image_grid_thw"}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(encoded[key], repeated[key]), key
+    assert torch.equal(torch.cat(encoded["images"]), repeated["pixel_values"])
 
 
 def test_generate_and_micro_batches_give_the_full_batch_logps(lora_model):
