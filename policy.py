@@ -183,13 +183,14 @@ def apply_liger_kernels(model):
 
 # --- the batch ----------------------------------------------------------------------------------
 
-def encode_prompts(processor, examples, group_size, device="cpu"):
+def encode_prompts(processor, examples, group_size, device="cpu", pad_to_multiple_of=None):
     """Tokenize B prompts with their images, left-padded: the text repeated G times
     (prompt-major), each image's patches once. The G sequences of a prompt share its image
     tensors, so that the vision tower sees each image once (detail 12). Returns the prompt
     fields of a Rollout."""
     enc = processor(text=[ex["prompt"] for ex in examples], images=[ex["image"] for ex in examples],
-                    padding=True, padding_side="left", return_tensors="pt").to(device)
+                    padding=True, padding_side="left", pad_to_multiple_of=pad_to_multiple_of,
+                    return_tensors="pt").to(device)
     vision_start = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS[2])
     grids = enc["image_grid_thw"]                                              # (images, 3)
     patches = torch.split(enc["pixel_values"], grids.prod(-1).tolist())      # images x (p_i, D)
@@ -296,11 +297,12 @@ class Rollout:
 # --- generation ---------------------------------------------------------------------------------
 
 def generation_config(processor, *, max_new_tokens, greedy=False, temperature=1.0, top_k=50,
-                      top_p=1.0):
+                      top_p=1.0, static_cache=False):
     """Every sampling field set here (detail 10): unset ones would come from the checkpoint's
     generation_config (the released VisualThinker checkpoint has top_k 1, which makes every
     completion of a group identical). Vision tokens are suppressed: a sampled <|image_pad|>
-    would crash the next forward."""
+    would crash the next forward. With `static_cache`, transformers compiles the decode step
+    on CUDA (a fixed-size KV cache keeps its shapes fixed)."""
     from transformers import GenerationConfig
 
     tokens = special_tokens(processor)
@@ -310,7 +312,8 @@ def generation_config(processor, *, max_new_tokens, greedy=False, temperature=1.
     return GenerationConfig(**sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
                             num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
                             eos_token_id=tokens.eos, pad_token_id=tokens.pad,
-                            suppress_tokens=list(tokens.vision), use_cache=True)  # (detail 10)
+                            suppress_tokens=list(tokens.vision), use_cache=True,  # (detail 10)
+                            cache_implementation="static" if static_cache else None)
 
 
 @torch.no_grad()
@@ -318,11 +321,14 @@ def generate(model, processor, examples, gen_config, group_size=1, max_prompt_le
     """ONE batched generate for the G completions of each of the B prompts (detail 11), used by
     training and evaluation alike. Returns the Rollout and the completion texts."""
     tokens = special_tokens(processor)
-    enc = encode_prompts(processor, examples, group_size, model.device)
-    P = enc["input_ids"].shape[1]
-    if max_prompt_length and P > max_prompt_length:
-        raise UserError(f"a prompt is {P} tokens, over --max_prompt_length {max_prompt_length}; "
-                        "lower --max_pixels or raise --max_prompt_length")
+    # A static cache is sized by the prompt length: padding it to a multiple of 64 tokens lets
+    # the compiled decode step be reused across steps instead of recompiled for every length.
+    static = gen_config.cache_implementation == "static"
+    enc = encode_prompts(processor, examples, group_size, model.device, 64 if static else None)
+    P, longest = enc["input_ids"].shape[1], int(enc["attention_mask"].sum(1).max())
+    if max_prompt_length and longest > max_prompt_length:
+        raise UserError(f"a prompt is {longest} tokens, over --max_prompt_length "
+                        f"{max_prompt_length}; lower --max_pixels or raise --max_prompt_length")
     was_training = model.training
     model.eval()
     features = image_features(model, enc["images"], enc["image_grid_thw"])  # once per image

@@ -106,6 +106,8 @@ class Config:
                                   default_help="on with CUDA, off on CPU")
     gradient_checkpointing: bool = flag(True, "recompute activations: less memory, more time")
     logp_chunk_size: int = flag(1024, "completion tokens per vocabulary-projection chunk", min=1)
+    static_cache: bool = flag(False, "static KV cache in generation: on CUDA transformers compiles "
+                              "the decode step (the first steps compile, minutes)")
     # evaluation during training
     eval_steps: int = flag(0, "every N steps log eval/accuracy (0 = never)", min=0)
     eval_limit: int = flag(64, "held-out prompts per evaluation", min=1)
@@ -147,7 +149,7 @@ def parse_config(argv=None):
 RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume", "eval_steps",
              "eval_limit", "eval_dataset", "log_samples_steps", "num_samples", "save_steps",
              "save_total_limit", "max_nonfinite_steps", "micro_batch_size", "logp_chunk_size",
-             "gradient_checkpointing", "use_liger"}
+             "gradient_checkpointing", "use_liger", "static_cache"}
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl")
 
 
@@ -531,7 +533,7 @@ def train(cfg):
     tokens = policy.special_tokens(processor)
     gen_config = policy.generation_config(
         processor, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p)
+        top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
     steps_per_epoch = len(dataset) // cfg.prompts_per_step
     max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * steps_per_epoch))
     total_updates = max_steps * cfg.num_iterations

@@ -257,6 +257,34 @@ def test_greedy_generation_equals_the_repeated_image_path(rollout):
     assert torch.equal(ours.completion_ids, plain[:, enc["input_ids"].shape[1]:])
 
 
+def test_the_static_cache_generates_what_the_dynamic_one_does(rollout):
+    cfg, model, processor, batch, texts, examples = rollout
+    dynamic = policy.generation_config(processor, max_new_tokens=8, greedy=True)
+    static = policy.generation_config(processor, max_new_tokens=8, greedy=True, static_cache=True)
+    ours, _ = policy.generate(model, processor, examples, dynamic, group_size=2)
+    padded, _ = policy.generate(model, processor, examples, static, group_size=2)
+    assert padded.prompt_ids.shape[1] % 64 == 0  # more left padding: the same completions
+    assert padded.prompt_ids.shape[1] > ours.prompt_ids.shape[1]
+    assert torch.equal(padded.completion_ids, ours.completion_ids)
+
+
+def test_the_reference_stays_the_initial_model_through_updates(rollout, tiny_model_dir):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    cfg, model, processor, batch, texts, examples = rollout
+    base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        initial = base(**batch.model_inputs()).logits                          # (N, P+C, V)
+    batch.advantages = torch.tensor([1.0, -1.0] * len(examples))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    for _ in range(3):
+        assert train.update(model, optimizer, scheduler, batch, cfg)["nonfinite"] == 0
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(**batch.model_inputs()).logits, initial)  # bit for bit
+
+
 @pytest.mark.parametrize("train_vision", [False, True])
 def test_the_vision_tower_runs_once_per_step_when_frozen(tiny_model_dir, tmp_path, train_vision):
     cfg = tiny_config(tiny_model_dir, tmp_path, micro_batch_size=2, num_iterations=2)
