@@ -362,11 +362,12 @@ def completion_hidden(model, rollout):
     return hidden[:, P - 1:P + C - 1], base.lm_head.weight
 
 
-def token_logps(model, rollout, temperature=1.0, chunk_size=1024):
+def token_logps(model, rollout, temperature=1.0, chunk_size=1024, with_entropy=False):
     """Per-token log-probs of the completions (n, C), with gradients; only completion positions
-    are projected to the vocabulary (detail 9)."""
+    are projected to the vocabulary (detail 9). `with_entropy`: and the entropies (n, C)."""
     hidden, weight = completion_hidden(model, rollout)
-    return grpo.completion_logps(hidden, weight, rollout.completion_ids, temperature, chunk_size)
+    return grpo.completion_logps(hidden, weight, rollout.completion_ids, temperature, chunk_size,
+                                 with_entropy)
 
 
 @torch.no_grad()
@@ -409,22 +410,29 @@ def accumulate_gradients(model, rollout, micro_batch_size, temperature=1.0, chun
     """Forward and backward over the micro-batches of a generation batch. The loss normalisers
     are the whole batch's (detail 6), so the micro-batches' gradients add up to the batch's
     however it is cut. `loss_kwargs` go to grpo.policy_loss. Returns (loss, stats): the batch's
-    loss, and the stats as token means over the batch."""
+    loss, and the stats as token means over the batch (with the plain loss, the policy's
+    `entropy` too), and the lowest / highest micro-batch clip ratios."""
     model.train()
     num_sequences, num_tokens = len(rollout), rollout.completion_mask.sum()
-    loss_sum, stats_sum = 0.0, {}
+    loss_sum, stats_sum, low, high = 0.0, {}, [], []
     for _, mb in rollout.micro_batches(micro_batch_size):
         if use_liger:
             loss, stats = liger_loss(model, mb, temperature, num_sequences, num_tokens,
                                      **loss_kwargs)
         else:
-            logp = token_logps(model, mb, temperature, chunk_size)            # (n, C)
+            logp, entropy = token_logps(model, mb, temperature, chunk_size, True)  # (n, C)
             loss, stats = grpo.policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages,
                                            mb.completion_mask, num_sequences=num_sequences,
                                            num_tokens=num_tokens, **loss_kwargs)
+            mask = mb.completion_mask
+            stats["entropy"] = float((entropy * mask).sum() / mask.sum())
+            low.append(stats["clip_ratio/low_mean"])
+            high.append(stats["clip_ratio/high_mean"])
         loss.backward()
         loss_sum += loss.item()
         share = float(mb.completion_mask.sum() / num_tokens)
         for key, value in stats.items():
             stats_sum[key] = stats_sum.get(key, 0.0) + value * share
+    if low:  # TRL takes these across processes; one process here: across micro-batches
+        stats_sum.update({"clip_ratio/low_min": min(low), "clip_ratio/high_max": max(high)})
     return loss_sum, stats_sum

@@ -37,13 +37,24 @@ from cli import UserError
 FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
-# The "aha moment" signal: self-reflection phrases, matched case-insensitively as whole words.
-REFLECTION_PHRASES = ("wait", "re-check", "recheck", "double-check", "double check", "reconsider",
-                      "re-evaluate", "re-examine", "let me check", "let me verify",
-                      "on second thought", "i made a mistake", "that is not right",
-                      "that's not right")
-REFLECTION_RE = re.compile(r"\b(" + "|".join(map(re.escape, REFLECTION_PHRASES)) + r")\b",
-                           re.IGNORECASE)
+# The "aha moment" signal: self-reflection phrases, matched case-insensitively as whole words,
+# grouped under a few keys so the reflection curve can be broken down by kind of phrase.
+REFLECTION_GROUPS = {
+    "wait": ("wait",),
+    "recheck": ("re-check", "recheck"),
+    "double_check": ("double-check", "double check"),
+    "reconsider": ("reconsider",),
+    "reevaluate": ("re-evaluate", "re-examine"),
+    "verify": ("let me check", "let me verify"),
+    "second_thought": ("on second thought",),
+    "mistake": ("i made a mistake", "that is not right", "that's not right"),
+}
+REFLECTION_KEYS = tuple(REFLECTION_GROUPS)  # the order metrics are logged and drawn in
+REFLECTION_PHRASES = tuple(p for phrases in REFLECTION_GROUPS.values() for p in phrases)
+# One pattern per key, not one for all: a single scan's non-overlapping matches could hide a key.
+REFLECTION_RES = {key: re.compile(r"\b(" + "|".join(map(re.escape, phrases)) + r")\b",
+                                  re.IGNORECASE)
+                  for key, phrases in REFLECTION_GROUPS.items()}
 
 
 def format_reward(completion, example):
@@ -181,12 +192,37 @@ def count_boxes(completion):
     return len(detections) if detections is not None else int(parse_box(completion) is not None)
 
 
+LENGTH_REWARD_PER_TOKEN = 0.001
+
+
+def length_reward(completion, example):
+    """0.001 per completion token, uncapped: the naive length reward VisualThinker-R1-Zero tried
+    and reported as ineffective at eliciting reasoning. Their code counted the Qwen2-VL tokens
+    of the decoded completion.
+
+    A reward has no tokenizer, so what is counted is `example["completion_tokens"]` when the
+    trainer puts it there (each completion's own count, so the G completions of a prompt need G
+    dicts), else the whitespace-separated words of `completion`: fewer than its tokens (an
+    English word is about 1.3 tokens, a tag such as `</think>` several)."""
+    tokens = example.get("completion_tokens")
+    return LENGTH_REWARD_PER_TOKEN * (len(completion.split()) if tokens is None else tokens)
+
+
 REWARDS = {"format": format_reward, "accuracy": accuracy_reward, "iou": iou_reward,
-           "detection": detection_reward}
+           "detection": detection_reward, "length": length_reward}
+
+
+def reflection_keys(completion):
+    """The keys of REFLECTION_GROUPS whose phrases occur in `completion` (whole words, any
+    case), as a set: "Wait, let me re-check." -> {"wait", "recheck"}. A trainer logs, per
+    step, `completions/reflection/<key>` = the fraction of completions whose set holds the key,
+    for each key of REFLECTION_KEYS."""
+    return {key for key, pattern in REFLECTION_RES.items() if pattern.search(completion)}
 
 
 def is_reflective(completion):
-    return REFLECTION_RE.search(completion) is not None
+    """True if the completion has any reflection phrase: `reflection_keys` is not empty."""
+    return bool(reflection_keys(completion))
 
 
 def load_reward(spec):

@@ -278,6 +278,14 @@ def lr_factor(index, warmup, total, kind):
     return 1.0 if kind == "constant" else max(0.0, (total - index) / (total - warmup))
 
 
+def completion_examples(examples, rollout, eos_id, group_size):
+    """The example each completion answers, with its token count (EOS not counted) for rewards
+    that need it (`length`): G dicts per prompt, sharing the prompt's values."""
+    eos_seen = (rollout.completion_ids == eos_id).any(1)                       # (N,)
+    counts = (rollout.completion_mask.sum(1) - eos_seen.long()).tolist()       # (N,)
+    return [{**examples[i // group_size], "completion_tokens": n} for i, n in enumerate(counts)]
+
+
 def rollout_metrics(rollout, texts, group_examples, total, parts, errors, eos_id, group_size):
     """The reference library's metric names for what was generated and how it scored; for
     grounding, the boxes per answer against the gold count (the hack VLM-R1 saw: many boxes)."""
@@ -292,12 +300,18 @@ def rollout_metrics(rollout, texts, group_examples, total, parts, errors, eos_id
         metrics[f"rewards/{name}/mean"] = v.mean().item()
         metrics[f"rewards/{name}/std"] = v.std().item()
         metrics[f"rewards/{name}/errors"] = errors[name]
+    terminated = lengths[eos_seen] if eos_seen.any() else torch.zeros(1)  # as TRL: 0 if none
+    reflections = [rewards.reflection_keys(t) for t in texts]
     metrics.update({"completions/mean_length": lengths.mean().item(),
                     "completions/max_length": lengths.max().item(),
                     "completions/min_length": lengths.min().item(),
                     "completions/clipped_ratio": (~eos_seen).float().mean().item(),
-                    "completions/reflection_ratio":
-                        float(np.mean([rewards.is_reflective(t) for t in texts]))})
+                    "completions/mean_terminated_length": terminated.mean().item(),
+                    "completions/max_terminated_length": terminated.max().item(),
+                    "completions/min_terminated_length": terminated.min().item(),
+                    "completions/reflection_ratio": float(np.mean([bool(r) for r in reflections]))})
+    for key in rewards.REFLECTION_KEYS:  # which phrases make the curve (VisualThinker issue 12)
+        metrics[f"completions/reflection/{key}"] = float(np.mean([key in r for r in reflections]))
     if group_examples[0]["task_type"] != "choice":
         metrics["boxes/per_answer"] = float(np.mean([rewards.count_boxes(t) for t in texts]))
         metrics["boxes/gold"] = float(np.mean([len(ex["boxes"]) if "boxes" in ex else 1
@@ -544,7 +558,8 @@ def train(cfg):
         optimizer, lambda index: lr_factor(index, warmup, total_updates, cfg.lr_scheduler))
 
     start_step, saved = 0, None
-    counters = {"nonfinite_steps": 0, "consecutive_nonfinite": 0, "skipped_rows": 0}
+    counters = {"nonfinite_steps": 0, "consecutive_nonfinite": 0, "skipped_rows": 0,
+                "num_tokens": 0}  # num_tokens: prompt and completion tokens seen, as TRL
     if checkpoint:
         saved, state, _ = checkpoint
         start_step = restore(saved, state, model, optimizer, scheduler, sampler)
@@ -571,9 +586,11 @@ def train(cfg):
             rollout, texts = policy.generate(model, processor, examples, gen_config,
                                              cfg.num_generations, cfg.max_prompt_length)
             # 4. score them; advantages within each group
-            group_examples = [ex for ex in examples for _ in range(cfg.num_generations)]
+            group_examples = completion_examples(examples, rollout, tokens.eos,
+                                                 cfg.num_generations)
             total, parts, errors = rewards.score_completions(texts, group_examples, reward_funcs,
                                                              weights, on_error=on_reward_error)
+            counters["num_tokens"] += int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
             rollout.advantages = grpo.group_advantages(
                 torch.tensor(total, device=device), cfg.num_generations, cfg.scale_rewards)
             add_old_and_ref_logps(model, rollout, cfg)
@@ -588,7 +605,8 @@ def train(cfg):
             metrics = {"step": step, "epoch": round(step / max(1, steps_per_epoch), 4),
                        **rollout_metrics(rollout, texts, group_examples, total, parts, errors,
                                          tokens.eos, cfg.num_generations),
-                       **stats, "nonfinite_steps": counters["nonfinite_steps"],
+                       **stats, "num_tokens": counters["num_tokens"],
+                       "nonfinite_steps": counters["nonfinite_steps"],
                        "skipped_rows": counters["skipped_rows"], "learning_rate": learning_rate,
                        "step_time": time.time() - t0}
             if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == max_steps):

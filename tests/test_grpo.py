@@ -163,6 +163,21 @@ def test_chunked_completion_logps_match_full_logits_in_value_and_gradient(chunk_
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_entropy_from_the_chunks_equals_the_full_softmax_entropy(chunk_size):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    weight, ids = torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+    logp, entropy = grpo.completion_logps(hidden, weight, ids, 0.7, chunk_size, with_entropy=True)
+    probs = torch.softmax(hidden @ weight.T / 0.7, -1)                          # (N, C, V)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    torch.testing.assert_close(logp, _full_logps(hidden, weight, ids, 0.7))
+    assert not entropy.requires_grad and logp.requires_grad  # a metric, not part of the loss
+    # hand-computed: a uniform distribution over V tokens has entropy log V
+    flat = grpo.completion_logps(torch.zeros(1, 1, 8), weight, ids[:1, :1], with_entropy=True)[1]
+    torch.testing.assert_close(flat, torch.tensor([[math.log(11)]]))
+
+
 def test_completion_logps_apply_the_temperature():
     hidden, weight, ids = torch.randn(1, 2, 4), torch.randn(5, 4), torch.tensor([[1, 2]])
     hot = grpo.completion_logps(hidden, weight, ids, temperature=2.0)

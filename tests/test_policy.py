@@ -347,3 +347,23 @@ def test_liger_is_off_by_default_on_cpu(tiny_model_dir, tmp_path):
     model, _ = train.load_model(train.dataclasses.replace(cfg, use_liger=True),
                                 torch.device("cpu"))
     assert not any(hasattr(m, "casting_mode") for m in model.modules())  # no Triton on CPU
+
+
+def test_update_logs_entropy_and_the_extreme_micro_batch_clip_ratios(rollout):
+    cfg, model, processor, batch, texts, examples = rollout
+    batch.advantages = torch.tensor([1.0, -1.0] * len(examples))
+    logp = logps(model, batch, cfg)
+    batch.old_logp = logp + torch.randn_like(logp) * 0.5  # an off-policy batch: some clipping
+    stats = {}
+    for size in (2, len(batch)):
+        model.zero_grad()
+        _, stats[size] = policy.accumulate_gradients(model, batch, size, cfg.temperature,
+                                                     cfg.logp_chunk_size, beta=0.0)
+    cut, whole = stats[2], stats[len(batch)]
+    assert 0 < cut["entropy"] == pytest.approx(whole["entropy"], rel=1e-5)
+    assert cut["clip_ratio/low_min"] <= cut["clip_ratio/low_mean"]
+    assert cut["clip_ratio/high_max"] >= cut["clip_ratio/high_mean"]
+    assert cut["clip_ratio/region_mean"] > 0
+    # one micro-batch: the extremes are the means
+    assert whole["clip_ratio/low_min"] == pytest.approx(whole["clip_ratio/low_mean"])
+    assert whole["clip_ratio/high_max"] == pytest.approx(whole["clip_ratio/high_mean"])

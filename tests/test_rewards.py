@@ -68,6 +68,58 @@ def test_reflection_phrases(text, expected):
     assert rewards.is_reflective(text) is expected
 
 
+@pytest.mark.parametrize(
+    "text,keys",
+    [
+        ("Wait, let me re-check the positions.", {"wait", "recheck"}),
+        ("Let me double check. On second thought, I made a mistake.",
+         {"double_check", "second_thought", "mistake"}),
+        ("I RECONSIDER, re-examine the image, and let me verify.",
+         {"reconsider", "reevaluate", "verify"}),
+        ("That's not right. Let me check again: recheck.", {"mistake", "verify", "recheck"}),
+        ("Re-evaluate. Wait. Wait!", {"reevaluate", "wait"}),  # a key counts once
+        ("It was double-checked and rechecked.", set()),  # whole words: no inflections
+        ("The waiter is left of the table.", set()), ("", set()),
+    ],
+)
+def test_reflection_keys(text, keys):
+    assert rewards.reflection_keys(text) == keys
+    assert rewards.is_reflective(text) is bool(keys)
+
+
+def test_every_reflection_phrase_has_one_key():
+    assert rewards.REFLECTION_KEYS == ("wait", "recheck", "double_check", "reconsider",
+                                       "reevaluate", "verify", "second_thought", "mistake")
+    for key, phrases in rewards.REFLECTION_GROUPS.items():
+        for phrase in phrases:
+            assert rewards.reflection_keys(f"So, {phrase.upper()}.") == {key}
+    assert len(rewards.REFLECTION_PHRASES) == 14  # the phrases before the keys, all kept
+
+
+@pytest.mark.parametrize(
+    "completion,example,expected",
+    [
+        ("</think><answer>left</answer>", EX, 0.001),  # one word without the trainer's count
+        ("The cup is left.\n</think> <answer>left</answer>", EX, 0.006),
+        ("", EX, 0.0),
+        ("two words", {**EX, "completion_tokens": 250}, 0.25),  # the trainer's count wins
+        ("two words", {**EX, "completion_tokens": 0}, 0.0),
+        ("word " * 700, EX, 0.7),  # uncapped: 700 words, the paper's 700-token budget
+    ],
+)
+def test_length_reward(completion, example, expected):
+    assert rewards.length_reward(completion, example) == pytest.approx(expected, abs=1e-12)
+
+
+def test_length_reward_is_registered():
+    funcs, weights = rewards.load_rewards(["format", "length"])
+    assert funcs["length"] is rewards.length_reward
+    total, parts, _ = rewards.score_completions(
+        ["</think><answer>left</answer>", "no format here"], [EX] * 2, funcs, weights)
+    assert parts["length"] == pytest.approx([0.001, 0.003])
+    assert total == pytest.approx([1.001, 0.003])
+
+
 def test_score_completions_weights_parts_and_counts_errors():
     def broken(completion, example):
         raise RuntimeError("boom")

@@ -1,0 +1,237 @@
+"""The "aha moment" figure and a table of final and peak values, from runs' metrics.jsonl.
+
+    python report.py runs/seed0 runs/seed1 runs/seed2 --out aha.png    # and aha.md
+    python report.py runs/demo --smooth 10 --table results.md
+
+A panel per metric against the step (the rewards, completion length, reflection, KL, held-out
+accuracy when logged): each run a thin line; several runs (seeds) add their mean and a band (std
+or min-max across runs), at each step over the runs that logged it, so runs of different lengths
+mix. The table: each run's final and peak values, raw, and their mean ± std across runs.
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.figure import Figure  # no pyplot: no screen and no global figure state
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+import cli
+from cli import UserError, flag
+
+PANELS = {  # metric: (title, y label), in the order drawn
+    "rewards/accuracy/mean": ("Accuracy reward", "mean over completions"),
+    "rewards/format/mean": ("Format reward", "mean over completions"),
+    "completions/mean_length": ("Completion length", "tokens, mean"),
+    "completions/reflection_ratio": ("Self-reflection", "fraction of completions"),
+    "kl": ("KL to the reference", "k3 KL per token"),
+    "eval/accuracy": ("Held-out accuracy", "greedy, strict"),
+}
+PHRASES = "completions/reflection/"  # + each key of rewards.REFLECTION_KEYS, in one panel
+PHRASES_PANEL = ("Reflection by phrase", "fraction of completions")
+RUN_COLORS, PHRASE_COLORS = colormaps["tab10"], colormaps["Dark2"]
+
+
+@dataclass
+class ReportConfig:
+    out: str = flag("aha.png", "the figure; its suffix picks the format (.png, .pdf, .svg)")
+    table: str | None = flag(None, "the markdown table", default_help="--out with .md")
+    band: str = flag("std", "the band around the runs' mean: std across runs, or min-max",
+                     choices=("std", "minmax"))
+    smooth: int = flag(1, "draw a centred moving average over this many steps (1: none); the "
+                          "table stays raw", min=1)
+
+    def __post_init__(self):  # before any file is read
+        cli.check_values(self)
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if Path(self.out).suffix[1:].lower() not in formats:
+            raise UserError(f"--out {self.out}: the suffix picks the format, one of "
+                            f"{', '.join(formats)}")
+
+
+def read_metrics(run):
+    """{metric: (steps, values)} from RUN/metrics.jsonl, finite numbers only, by step."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run}: no metrics.jsonl here; give the --output_dir of a run")
+    try:
+        lines, rows = path.read_text().splitlines(), {}
+    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text
+        raise UserError(f"{path}: {e}") from e
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if number == len(lines):  # the run was killed mid-write: its other lines are good
+                print(f"warning: {path}:{number}: skipping a torn last line", file=sys.stderr)
+                break
+            raise UserError(f"{path}:{number}: not JSON ({e})") from e
+        if not isinstance(row, dict) or type(row.get("step")) is not int:
+            raise UserError(f"{path}:{number}: no integer \"step\"")
+        rows[row["step"]] = row
+    if not rows:
+        raise UserError(f"{path}: no steps logged")
+    series = {}
+    for step in sorted(rows):
+        for key, value in rows[step].items():
+            if key != "step" and type(value) in (int, float) and math.isfinite(value):
+                series.setdefault(key, []).append((step, value))
+    return {key: tuple(np.array(c) for c in zip(*pairs)) for key, pairs in series.items()}
+
+
+def smooth(steps, values, k):
+    """The mean of the values logged within the k steps centred on each step."""
+    if k <= 1:
+        return values
+    lo = np.searchsorted(steps, steps - (k - 1) // 2, "left")
+    hi = np.searchsorted(steps, steps + k // 2, "right")
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    return (sums[hi] - sums[lo]) / (hi - lo)
+
+
+def aggregate(curves, band):
+    """(steps, mean, low, high) over the runs that logged each step; std needs two runs."""
+    steps = np.unique(np.concatenate([s for s, _ in curves]))
+    grid = np.full((len(curves), len(steps)), np.nan)                         # (runs, steps)
+    for row, (s, v) in zip(grid, curves):
+        row[np.searchsorted(steps, s)] = v
+    mean, n = np.nanmean(grid, 0), (~np.isnan(grid)).sum(0)
+    if band == "minmax":
+        return steps, mean, np.nanmin(grid, 0), np.nanmax(grid, 0)
+    var = np.nansum((grid - mean) ** 2, 0) / np.maximum(n - 1, 1)
+    std = np.where(n > 1, np.sqrt(var), np.nan)
+    return steps, mean, mean - std, mean + std
+
+
+def draw(runs, names, panels, cfg):
+    """One figure: a panel per metric, in two rows when more than three."""
+    rows = 1 if len(panels) <= 3 else 2
+    cols = math.ceil(len(panels) / rows)
+    fig = Figure(figsize=(4.8 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, key in zip(axes, panels):
+        if key == PHRASES:
+            draw_phrases(ax, runs, cfg.smooth)
+        else:
+            draw_runs(ax, [run.get(key) for run in runs], cfg)
+        title, ylabel = PANELS.get(key, PHRASES_PANEL)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=RUN_COLORS(i), lw=1.5) for i in range(len(runs))]
+    labels = list(names)
+    if len(runs) > 1:
+        handles += [Line2D([], [], color="black", lw=2), Patch(color="black", alpha=0.15)]
+        labels += ["mean of runs", "std across runs" if cfg.band == "std" else "min-max of runs"]
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
+    smoothing = f", moving average over {cfg.smooth} steps" if cfg.smooth > 1 else ""
+    fig.suptitle(f"Training dynamics, {len(runs)} run{'s' * (len(runs) > 1)}{smoothing}")
+    return fig
+
+
+def draw_runs(ax, series, cfg):
+    """Each run that logged the metric (`series[i]` is run i's, or None) as a thin line; with
+    several, their mean (black) and band (grey) on top."""
+    several, curves = len(series) > 1, []
+    for i, run in enumerate(series):
+        if run is not None:
+            steps, values = run
+            curves.append((steps, smooth(steps, values, cfg.smooth)))
+            ax.plot(*curves[-1], color=RUN_COLORS(i), lw=0.9 if several else 1.8,
+                    alpha=0.7 if several else 1.0, ms=3,
+                    marker="o" if len(steps) < 30 else None)  # a lone evaluation shows
+    if several:
+        steps, mean, low, high = aggregate(curves, cfg.band)
+        ax.fill_between(steps, low, high, color="black", alpha=0.15, lw=0)
+        ax.plot(steps, mean, color="black", lw=2)
+
+
+def draw_phrases(ax, runs, k):
+    """The reflection ratio broken down by phrase: each phrase's mean over the runs, in colours
+    of their own; phrases no completion ever had are left out."""
+    phrases = [key for key in list_metrics(runs) if key.startswith(PHRASES)
+               and any(key in run and run[key][1].any() for run in runs)]
+    for i, phrase in enumerate(phrases):
+        steps, mean, _, _ = aggregate([run[phrase] for run in runs if phrase in run], "std")
+        ax.plot(steps, smooth(steps, mean, k), color=PHRASE_COLORS(i), lw=1.2,
+                label=phrase[len(PHRASES):])
+    if phrases:
+        ax.legend(fontsize="small", ncol=2, loc="upper left",
+                  title="mean of runs" if len(runs) > 1 else None, title_fontsize="small")
+
+
+def list_metrics(runs):  # in the order first logged: the trainer's order
+    return list(dict.fromkeys(key for run in runs for key in run))
+
+
+def format_table(runs, names, keys):
+    """Markdown: each run's final and peak value of each metric; mean ± std over the runs."""
+    lines = ["| metric | run | final | at step | peak | at step |",
+             "|---|---|---:|---:|---:|---:|"]
+    for key in keys:
+        finals, peaks, title = [], [], PANELS[key][0]
+        for name, run in zip(names, runs):
+            if key in run:
+                steps, values = run[key]
+                top = int(np.argmax(values))  # the first step that reached the peak
+                finals.append(values[-1])
+                peaks.append(values[top])
+                lines.append(f"| {title} | {name} | {values[-1]:.4g} | {steps[-1]} "
+                             f"| {values[top]:.4g} | {steps[top]} |")
+                title = ""
+        if len(finals) > 1:
+            lines.append(f"|  | mean ± std ({len(finals)} runs) | {format_mean_std(finals)} "
+                         f"| | {format_mean_std(peaks)} | |")
+    return "\n".join(lines) + "\n"
+
+
+def format_mean_std(values):  # the sample std: seeds sample the runs one could have had
+    return f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.4g}"
+
+
+def main(argv=None):
+    parser = cli.build_parser(ReportConfig, __doc__)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="a run's --output_dir, with its metrics.jsonl; several: seeds")
+    given = vars(parser.parse_args(argv))
+    run_dirs = [Path(d) for d in given.pop("runs")]
+    cfg = ReportConfig(**given)
+    runs = [read_metrics(d) for d in run_dirs]
+    names = [d.resolve().name for d in run_dirs]
+    if len(set(names)) < len(names):  # seeds/a/run and seeds/b/run: the names as given
+        names = [str(d) for d in run_dirs]
+    logged = list_metrics(runs)
+    panels = [key for key in PANELS if key in logged]
+    if absent := [key for key in PANELS if key not in logged]:
+        print(f"note: no run logs {', '.join(absent)}; left out", file=sys.stderr)
+    if any(key.startswith(PHRASES) for key in logged):
+        panels.append(PHRASES)
+    if not panels:
+        raise UserError(f"no run logs any of {', '.join(PANELS)}")
+    out = Path(cfg.out)
+    table_path = Path(cfg.table) if cfg.table else out.with_suffix(".md")
+    text = format_table(runs, names, [key for key in panels if key in PANELS])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        draw(runs, names, panels, cfg).savefig(out, dpi=150)
+    except OSError as e:  # a folder in the way, no permission
+        raise UserError(f"--out {out}: {e}") from e
+    try:
+        table_path.write_text(text)
+    except OSError as e:
+        raise UserError(f"--table {table_path}: {e}") from e
+    print(text, end="")
+    print(f"wrote {out} and {table_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,170 @@
+"""report.py on metrics files written here: the figure, the table by hand, the errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli
+import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ACC, FMT, KL, EVAL = "rewards/accuracy/mean", "rewards/format/mean", "kl", "eval/accuracy"
+
+
+def write_run(folder, columns, torn=False):
+    """RUN/metrics.jsonl from {metric: [value per step, None where not logged]}, steps 1, 2..."""
+    folder.mkdir()
+    steps = max(len(values) for values in columns.values())
+    rows = [{"step": step, **{key: values[step - 1] for key, values in columns.items()
+                              if step <= len(values) and values[step - 1] is not None}}
+            for step in range(1, steps + 1)]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if torn:  # killed mid-write: half a line, no newline
+        text += json.dumps({"step": steps + 1, ACC: 0.99})[:20]
+    (folder / "metrics.jsonl").write_text(text)
+    return str(folder)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """Three seeds: b is shorter, has no KL and a torn last line; only a is evaluated, on
+    steps 2 and 3; no run logs the reflection ratio."""
+    return [
+        write_run(tmp_path / "a", {ACC: [0.2, 0.5, 0.4], FMT: [0.0, 1.0, 1.0],
+                                   "completions/mean_length": [50, 30, 80], KL: [0, 0.01, 0.03],
+                                   EVAL: [None, 0.3, 0.35]}),
+        write_run(tmp_path / "b", {ACC: [0.3, 0.7], FMT: [0.5, 1.0],
+                                   "completions/mean_length": [40, 60]}, torn=True),
+        write_run(tmp_path / "c", {ACC: [0.1, 0.1, 0.1, 0.4], FMT: [1.0, 0.5, 1.0, 1.0],
+                                   "completions/mean_length": [45, 45, 45, 45],
+                                   KL: [0, 0.02, 0.02, 0.05]}),
+    ]
+
+
+def section(table, title):
+    """The rows of one metric: from its title to the next title."""
+    lines = table.splitlines()[2:]
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {title} |"))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("|  |")),
+               len(lines))
+    return lines[start:end]
+
+
+def test_figure_and_table_by_hand(runs, tmp_path, capsys):
+    out = tmp_path / "figs" / "aha.png"
+    report.main([*runs, "--out", str(out)])
+    captured = capsys.readouterr()
+    table = (tmp_path / "figs" / "aha.md").read_text()
+    assert captured.out == table
+    # Final: the last step logged; peak: the largest value, at the first step that reached it.
+    # Finals 0.4, 0.7, 0.4: mean 0.5, sample std sqrt((0.01 + 0.04 + 0.01) / 2) = 0.1732.
+    # Peaks 0.5, 0.7, 0.4: mean 0.5333, sample std sqrt(0.046667 / 2) = 0.1528.
+    assert section(table, "Accuracy reward") == [
+        "| Accuracy reward | a | 0.4 | 3 | 0.5 | 2 |",
+        "|  | b | 0.7 | 2 | 0.7 | 2 |",  # the torn step 3 is not there
+        "|  | c | 0.4 | 4 | 0.4 | 4 |",
+        "|  | mean ± std (3 runs) | 0.5 ± 0.1732 | | 0.5333 ± 0.1528 | |",
+    ]
+    assert section(table, "Format reward")[2] == "|  | c | 1 | 4 | 1 | 1 |"
+    # b has no KL: the mean is over a and c. Finals 0.03, 0.05; peaks the same.
+    assert section(table, "KL to the reference") == [
+        "| KL to the reference | a | 0.03 | 3 | 0.03 | 3 |",
+        "|  | c | 0.05 | 4 | 0.05 | 4 |",
+        "|  | mean ± std (2 runs) | 0.04 ± 0.01414 | | 0.04 ± 0.01414 | |",
+    ]
+    assert section(table, "Held-out accuracy") == [  # only a is evaluated: no mean row
+        "| Held-out accuracy | a | 0.35 | 3 | 0.35 | 3 |"]
+    assert "Self-reflection" not in table
+    assert "warning: " in captured.err and "b/metrics.jsonl:3: skipping a torn last line" \
+        in captured.err
+    assert "note: no run logs completions/reflection_ratio; left out" in captured.err
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] >= 1500 and image.size[1] >= 600
+        image.verify()
+    assert out.stat().st_size > 30_000  # lines were drawn, not an empty canvas
+
+
+def test_smoothing_changes_the_figure_not_the_table(runs, tmp_path):
+    for k in (1, 3):
+        report.main([*runs, "--out", str(tmp_path / f"k{k}.png"), "--smooth", str(k),
+                     "--band", "minmax", "--table", str(tmp_path / f"k{k}.md")])
+    assert (tmp_path / "k1.md").read_text() == (tmp_path / "k3.md").read_text()
+    assert (tmp_path / "k1.png").read_bytes() != (tmp_path / "k3.png").read_bytes()
+
+
+def test_one_run_and_the_reflection_phrases(tmp_path):
+    run = write_run(tmp_path / "solo", {ACC: [0.1, 0.2], "completions/reflection_ratio": [0, 0.5],
+                                        "completions/reflection/wait": [0, 0.5],
+                                        "completions/reflection/verify": [0, 0]})
+    report.main([run, "--out", str(tmp_path / "solo.pdf")])
+    assert (tmp_path / "solo.pdf").read_bytes().startswith(b"%PDF")
+    table = (tmp_path / "solo.md").read_text()
+    assert "mean ± std" not in table and "| Self-reflection | solo | 0.5 | 2 | 0.5 | 2 |" in table
+
+
+@pytest.mark.parametrize(
+    "steps,values,k,expected",
+    [
+        ([1, 2, 3, 4, 5], [1, 2, 4, 8, 16], 1, [1, 2, 4, 8, 16]),
+        ([1, 2, 3, 4, 5], [1, 2, 4, 8, 16], 3, [1.5, 7 / 3, 14 / 3, 28 / 3, 12]),  # fewer at ends
+        ([1, 2, 3], [1, 2, 4], 2, [1.5, 3, 4]),  # even: the step and the next
+        ([10, 20, 21], [1, 2, 4], 3, [1, 3, 3]),  # a window of steps, not of logged values
+    ],
+)
+def test_smooth(steps, values, k, expected):
+    assert report.smooth(np.array(steps), np.array(values, float), k) == pytest.approx(expected)
+
+
+def test_across_runs_of_different_lengths():
+    curves = [(np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0])),
+              (np.array([1, 2]), np.array([3.0, 6.0]))]
+    steps, mean, low, high = report.aggregate(curves, "std")
+    assert steps.tolist() == [1, 2, 3] and mean == pytest.approx([2, 4, 3])
+    # sample std of (1, 3) is sqrt(2), of (2, 6) sqrt(8); one run at step 3: no band there
+    assert (high - mean)[:2] == pytest.approx([2 ** 0.5, 8 ** 0.5]) and np.isnan(high[2])
+    _, _, low, high = report.aggregate(curves, "minmax")
+    assert low.tolist() == [1, 2, 3] and high.tolist() == [3, 6, 3]
+
+
+def error_of(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(report.main, argv)
+    err = capsys.readouterr().err.splitlines()  # a note may come first, never a traceback
+    assert exit_info.value.code == 2 and err[-1].startswith("error: ")
+    assert not any(line.startswith(("error", "Traceback")) for line in err[:-1])
+    return err[-1]
+
+
+def test_one_line_errors(runs, tmp_path, capsys):
+    missing = tmp_path / "no-run"
+    missing.mkdir()
+    assert f"error: {missing}: no metrics.jsonl" in error_of([runs[0], str(missing)], capsys)
+    bad = tmp_path / "bad"
+    write_run(bad, {ACC: [0.1, 0.2, 0.3]})
+    lines = (bad / "metrics.jsonl").read_text().splitlines()
+    (bad / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", lines[2]]) + "\n")
+    assert f"{bad / 'metrics.jsonl'}:2: not JSON" in error_of([str(bad)], capsys)  # not the last
+    (bad / "metrics.jsonl").write_text('{"step": 1}\n{"kl": 0.1}\n')
+    assert "metrics.jsonl:2: no integer \"step\"" in error_of([str(bad)], capsys)
+    assert "--smooth must be at least 1" in error_of([runs[0], "--smooth", "0"], capsys)
+    out = tmp_path / "aha.nope"
+    assert f"--out {out}: the suffix picks" in error_of([runs[0], "--out", str(out)], capsys)
+    (tmp_path / "taken.png").mkdir()  # a folder where the figure goes
+    assert f"--out {tmp_path / 'taken.png'}: " in error_of(
+        [runs[0], "--out", str(tmp_path / "taken.png")], capsys)
+
+
+def test_the_command_line(runs, tmp_path):
+    """As a user runs it: cli.run exits with status 2 and one line naming the folder."""
+    missing = str(tmp_path / "typo")
+    result = subprocess.run([sys.executable, "report.py", runs[0], missing], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: {missing}: no metrics.jsonl here; give the --output_dir " \
+                            "of a run\n"
