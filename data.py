@@ -209,6 +209,26 @@ def gold_of(example):
     return example.get("answer", example.get("box", example.get("boxes")))
 
 
+def answer_of(example):
+    """The gold answer as a completion writes it: the option, or the box(es) in the model's
+    frame as JSON with integer coordinates (the form VLM-R1's prompt asks for)."""
+    if example["task_type"] == "choice":
+        return example["answer"]
+    if example["task_type"] == "rec":
+        return json.dumps([round(v) for v in example["box"]])
+    return json.dumps([{"bbox_2d": [round(v) for v in b["bbox_2d"]], "label": b["label"]}
+                       for b in example["boxes"]])
+
+
+def answer_completion(example, answer=None):
+    """A completion in the answer format with an empty thought: `</think> <answer> X </answer>`
+    (the gold answer unless `answer` is given), opened with <think> when the prompt does not end
+    with it (a chat prompt). What --objective sft trains on, and the demo's format warm-up."""
+    opening = "" if example["prompt"].endswith("<think>") else "<think> "
+    answer = answer_of(example) if answer is None else answer
+    return f"{opening}</think> <answer> {answer} </answer>"
+
+
 def open_image(value):
     """A PIL image, not yet decoded, from what a dataset stores: PIL, raw bytes,
     {'bytes': ...} or {'path': ...}, or a file path."""

@@ -283,11 +283,7 @@ def random_answer(rng, example, examples):
     or the boxes of another random row (whose shapes lie elsewhere)."""
     if example["task_type"] == "choice":
         return rng.choice(example["choices"])
-    other = examples[rng.randrange(len(examples))]
-    if example["task_type"] == "rec":
-        return json.dumps([round(v) for v in other["box"]])
-    return json.dumps([{"bbox_2d": [round(v) for v in b["bbox_2d"]], "label": b["label"]}
-                       for b in other["boxes"]])
+    return data.answer_of(examples[rng.randrange(len(examples))])
 
 
 def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
@@ -296,23 +292,14 @@ def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
     being gold: the model learns to answer with an option (a box), nothing about which is right."""
     processor = AutoProcessor.from_pretrained(folder)
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder)
-    tok, tokens = processor.tokenizer, policy.special_tokens(processor)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        # a chat prompt does not end with <think>: the completion opens it
-        targets = [("" if ex["prompt"].endswith("<think>") else "<think> ")
-                   + f"</think> <answer> {random_answer(rng, ex, examples)} </answer>"
-                   for ex in batch]
-        ids = [tok(t, add_special_tokens=False)["input_ids"] + [tokens.eos] for t in targets]
-        width = max(map(len, ids))
-        completion_ids = torch.tensor([x + [tokens.pad] * (width - len(x)) for x in ids])  # (N, C)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])       # (N, C)
-        rollout = policy.Rollout.from_encoding(policy.encode_prompts(processor, batch, 1),
-                                               completion_ids, mask, tokens.vision_start)
-        logp = policy.token_logps(model, rollout)                                       # (N, C)
+        targets = [data.answer_completion(ex, random_answer(rng, ex, examples)) for ex in batch]
+        rollout = policy.answer_rollout(processor, batch, targets)
+        logp, mask = policy.token_logps(model, rollout), rollout.completion_mask  # (N, C)
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
         optimizer.step()

@@ -145,17 +145,18 @@ def completion_mask(completion_ids, eos_id):
     return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()   # (N, C) (detail 7)
 
 
-def _token_logps(hidden, weight, ids, temperature, with_entropy):
+def _token_logps(hidden, weight, ids, temperature, with_stats):
     logits = (hidden @ weight.T).float() / temperature                # (n, V) (detail 8)
     logps = logits.log_softmax(-1)                                      # (n, V)
     logp = torch.gather(logps, 1, ids.unsqueeze(1)).squeeze(1)          # (n,)
-    if not with_entropy:
+    if not with_stats:
         return logp
-    return logp, -(logps.exp() * logps).sum(-1).detach()                # (n,) a metric only
+    entropy = -(logps.exp() * logps).sum(-1).detach()                   # (n,) metrics only
+    return logp, entropy, (logps.argmax(-1) == ids).float()             # (n,) each
 
 
 def completion_logps(hidden, weight, completion_ids, temperature=1.0, chunk_size=1024,
-                     with_entropy=False):
+                     with_stats=False):
     """log pi(c_t | prompt, c_<t) at the sampling temperature, for every completion token. (N, C)
 
     `hidden` (N, C, H) are the final hidden states at the positions that PREDICT the completion
@@ -164,8 +165,9 @@ def completion_logps(hidden, weight, completion_ids, temperature=1.0, chunk_size
     were sampled (detail 8). The vocabulary projection runs on `chunk_size` tokens at a time under
     activation checkpointing (detail 9), so at most a (chunk_size, V) logits block exists at
     once, in the forward AND the backward pass, instead of an (N, C, V) tensor kept for backward.
-    `with_entropy`: also the entropy of each token's distribution, -sum_v p_v log p_v (N, C),
-    from the same chunks (no second projection), without gradient.
+    `with_stats`: also, from the same chunks (no second projection) and without gradient, the
+    entropy of each token's distribution, -sum_v p_v log p_v, and whether the token is its most
+    likely one (token accuracy): (logp, entropy, top1), each (N, C).
     """
     N, C, H = hidden.shape
     flat_hidden, flat_ids = hidden.reshape(N * C, H), completion_ids.reshape(N * C)  # (N*C, H)
@@ -173,10 +175,9 @@ def completion_logps(hidden, weight, completion_ids, temperature=1.0, chunk_size
     chunks = []
     for start in range(0, N * C, chunk_size):
         args = (flat_hidden[start:start + chunk_size], weight,
-                flat_ids[start:start + chunk_size], temperature, with_entropy)
+                flat_ids[start:start + chunk_size], temperature, with_stats)
         chunks.append(checkpoint(_token_logps, *args, use_reentrant=False) if needs_grad
                       else _token_logps(*args))                                # (detail 9)
-    if not with_entropy:
+    if not with_stats:
         return torch.cat(chunks).view(N, C)                                    # (N, C)
-    logp, entropy = (torch.cat(parts).view(N, C) for parts in zip(*chunks))    # (N, C) each
-    return logp, entropy
+    return tuple(torch.cat(parts).view(N, C) for parts in zip(*chunks))       # (N, C) each

@@ -202,6 +202,18 @@ def encode_prompts(processor, examples, group_size, device="cpu", pad_to_multipl
     return {**text, "images": [patches[i] for i in slots], "image_grid_thw": grids[slots]}
 
 
+def answer_rollout(processor, examples, completions, device="cpu"):
+    """A Rollout of the examples with the given completion texts, each ended by EOS: for
+    supervised steps (--objective sft, the demo's format warm-up)."""
+    tok, tokens = processor.tokenizer, special_tokens(processor)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tokens.eos] for t in completions]
+    width = max(map(len, ids))
+    completion_ids = torch.tensor([x + [tokens.pad] * (width - len(x)) for x in ids])  # (N, C)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])       # (N, C)
+    return Rollout.from_encoding(encode_prompts(processor, examples, 1, device),
+                                 completion_ids.to(device), mask.to(device), tokens.vision_start)
+
+
 def vision_trainable(model):
     return any(p.requires_grad for name, p in model.named_parameters() if ".visual." in name)
 
@@ -362,12 +374,13 @@ def completion_hidden(model, rollout):
     return hidden[:, P - 1:P + C - 1], base.lm_head.weight
 
 
-def token_logps(model, rollout, temperature=1.0, chunk_size=1024, with_entropy=False):
+def token_logps(model, rollout, temperature=1.0, chunk_size=1024, with_stats=False):
     """Per-token log-probs of the completions (n, C), with gradients; only completion positions
-    are projected to the vocabulary (detail 9). `with_entropy`: and the entropies (n, C)."""
+    are projected to the vocabulary (detail 9). `with_stats`: and their entropy and token
+    accuracy (see grpo.completion_logps)."""
     hidden, weight = completion_hidden(model, rollout)
     return grpo.completion_logps(hidden, weight, rollout.completion_ids, temperature, chunk_size,
-                                 with_entropy)
+                                 with_stats)
 
 
 @torch.no_grad()
@@ -420,7 +433,7 @@ def accumulate_gradients(model, rollout, micro_batch_size, temperature=1.0, chun
             loss, stats = liger_loss(model, mb, temperature, num_sequences, num_tokens,
                                      **loss_kwargs)
         else:
-            logp, entropy = token_logps(model, mb, temperature, chunk_size, True)  # (n, C)
+            logp, entropy, _ = token_logps(model, mb, temperature, chunk_size, True)  # (n, C)
             loss, stats = grpo.policy_loss(logp, mb.old_logp, mb.ref_logp, mb.advantages,
                                            mb.completion_mask, num_sequences=num_sequences,
                                            num_tokens=num_tokens, **loss_kwargs)
@@ -436,3 +449,21 @@ def accumulate_gradients(model, rollout, micro_batch_size, temperature=1.0, chun
     if low:  # TRL takes these across processes; one process here: across micro-batches
         stats_sum.update({"clip_ratio/low_min": min(low), "clip_ratio/high_max": max(high)})
     return loss_sum, stats_sum
+
+
+def accumulate_sft_gradients(model, rollout, micro_batch_size, chunk_size=1024):
+    """Forward and backward of the completions' negative log-likelihood (--objective sft), a
+    token mean over the whole batch, so the micro-batches add up to it. Returns (loss, stats):
+    the token accuracy (the reference library's SFT name) and entropy."""
+    model.train()
+    num_tokens = float(rollout.completion_mask.sum())
+    loss_sum, hits, entropy = 0.0, 0.0, 0.0
+    for _, mb in rollout.micro_batches(micro_batch_size):
+        logp, token_entropy, top1 = token_logps(model, mb, 1.0, chunk_size, True)  # (n, C)
+        mask = mb.completion_mask
+        loss = -(logp * mask).sum() / num_tokens
+        loss.backward()
+        loss_sum += loss.item()
+        hits += float((top1 * mask).sum())
+        entropy += float((token_entropy * mask).sum())
+    return loss_sum, {"mean_token_accuracy": hits / num_tokens, "entropy": entropy / num_tokens}

@@ -67,6 +67,9 @@ class Config:
     overwrite: bool = flag(False, "start afresh in an --output_dir that holds a run")
     seed: int = flag(42, "seeds data order, option shuffling, sampling and LoRA init")
     # GRPO
+    objective: str = flag("grpo", "grpo: RL on the rewards (the paper); sft: supervised "
+                          "fine-tuning on the gold answers in the answer format (its baseline)",
+                          choices=("grpo", "sft"))
     num_generations: int = flag(8, "G, completions per prompt (2+ to compare)", min=2)
     prompts_per_step: int = flag(8, "B, prompts per step (N = B*G completions)", min=1)
     micro_batch_size: int = flag(8, "sequences per forward/backward (same math)", min=1)
@@ -256,10 +259,14 @@ def update(model, optimizer, scheduler, rollout, cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     losses, grad_norms, stats = [], [], {}
     for iteration in range(cfg.num_iterations):
-        loss, iteration_stats = policy.accumulate_gradients(
-            model, rollout, cfg.micro_batch_size, cfg.temperature, cfg.logp_chunk_size,
-            cfg.use_liger, beta=cfg.beta, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
-            loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+        if cfg.objective == "sft":
+            loss, iteration_stats = policy.accumulate_sft_gradients(
+                model, rollout, cfg.micro_batch_size, cfg.logp_chunk_size)
+        else:
+            loss, iteration_stats = policy.accumulate_gradients(
+                model, rollout, cfg.micro_batch_size, cfg.temperature, cfg.logp_chunk_size,
+                cfg.use_liger, beta=cfg.beta, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
+                loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
         for key, value in iteration_stats.items():  # the mean over the iterations
             stats[key] = stats.get(key, 0.0) + value / cfg.num_iterations
         grad_norm = optimizer_step(params, optimizer, scheduler, loss, cfg.max_grad_norm)
@@ -577,23 +584,28 @@ def train(cfg):
     started, metrics, step = time.time(), {}, start_step
     with stop_on_sigint() as stop:
         bar = tqdm(range(start_step + 1, max_steps + 1), initial=start_step, total=max_steps,
-                   desc="GRPO", dynamic_ncols=True)
+                   desc=cfg.objective.upper(), dynamic_ncols=True)
         for step in bar:
             t0 = time.time()
             # 2. sample B prompts
             examples = next_examples(dataset, sampler.next_batch(), counters, report)
-            # 3. generate G completions per prompt, one batched call
-            rollout, texts = policy.generate(model, processor, examples, gen_config,
-                                             cfg.num_generations, cfg.max_prompt_length)
-            # 4. score them; advantages within each group
-            group_examples = completion_examples(examples, rollout, tokens.eos,
-                                                 cfg.num_generations)
-            total, parts, errors = rewards.score_completions(texts, group_examples, reward_funcs,
-                                                             weights, on_error=on_reward_error)
+            if cfg.objective == "sft":  # the paper's baseline: the gold answers, supervised
+                rollout = policy.answer_rollout(
+                    processor, examples, [data.answer_completion(ex) for ex in examples], device)
+                texts, group_examples, parts = [], examples, {}
+            else:
+                # 3. generate G completions per prompt, one batched call
+                rollout, texts = policy.generate(model, processor, examples, gen_config,
+                                                 cfg.num_generations, cfg.max_prompt_length)
+                # 4. score them; advantages within each group
+                group_examples = completion_examples(examples, rollout, tokens.eos,
+                                                     cfg.num_generations)
+                total, parts, errors = rewards.score_completions(
+                    texts, group_examples, reward_funcs, weights, on_error=on_reward_error)
+                rollout.advantages = grpo.group_advantages(
+                    torch.tensor(total, device=device), cfg.num_generations, cfg.scale_rewards)
+                add_old_and_ref_logps(model, rollout, cfg)
             counters["num_tokens"] += int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
-            rollout.advantages = grpo.group_advantages(
-                torch.tensor(total, device=device), cfg.num_generations, cfg.scale_rewards)
-            add_old_and_ref_logps(model, rollout, cfg)
             # 5. update on micro-batches
             learning_rate = scheduler.get_last_lr()[0]
             stats = update(model, optimizer, scheduler, rollout, cfg)
@@ -603,8 +615,8 @@ def train(cfg):
                                                  if skipped else 0)
             # 6. log, evaluate, checkpoint
             metrics = {"step": step, "epoch": round(step / max(1, steps_per_epoch), 4),
-                       **rollout_metrics(rollout, texts, group_examples, total, parts, errors,
-                                         tokens.eos, cfg.num_generations),
+                       **(rollout_metrics(rollout, texts, group_examples, total, parts, errors,
+                                          tokens.eos, cfg.num_generations) if texts else {}),
                        **stats, "num_tokens": counters["num_tokens"],
                        "nonfinite_steps": counters["nonfinite_steps"],
                        "skipped_rows": counters["skipped_rows"], "learning_rate": learning_rate,
@@ -614,8 +626,9 @@ def train(cfg):
                 metrics[name] = evaluation.score_on(
                     model, processor, held_out, cfg.micro_batch_size, cfg.max_completion_length)
             write_logs(out, metrics, group_examples, texts, parts, cfg)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}",
-                            step_time=f"{metrics['step_time']:.2f}s")
+            shown = "reward" if "reward" in metrics else "loss"
+            bar.set_postfix({shown: f"{metrics[shown]:.3f}",
+                             "step_time": f"{metrics['step_time']:.2f}s"})
             if counters["consecutive_nonfinite"] >= cfg.max_nonfinite_steps:
                 raise UserError(
                     f"step {step}: {counters['consecutive_nonfinite']} consecutive steps had a "
@@ -629,7 +642,7 @@ def train(cfg):
                     break
         bar.close()
     minutes = (time.time() - started) / 60
-    reward = f", last reward {metrics['reward']:.3f}" if metrics else ""
+    reward = f", last reward {metrics['reward']:.3f}" if "reward" in metrics else ""
     if stop["requested"]:
         print(f"interrupted at step {step} after {minutes:.1f} min{reward}: saved {saved}; "
               "continue with the same command plus --resume")

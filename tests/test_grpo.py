@@ -168,13 +168,15 @@ def test_entropy_from_the_chunks_equals_the_full_softmax_entropy(chunk_size):
     torch.manual_seed(1)
     hidden = torch.randn(2, 3, 8, requires_grad=True)
     weight, ids = torch.randn(11, 8), torch.randint(0, 11, (2, 3))
-    logp, entropy = grpo.completion_logps(hidden, weight, ids, 0.7, chunk_size, with_entropy=True)
+    logp, entropy, top1 = grpo.completion_logps(hidden, weight, ids, 0.7, chunk_size,
+                                                with_stats=True)
     probs = torch.softmax(hidden @ weight.T / 0.7, -1)                          # (N, C, V)
     torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    assert torch.equal(top1, (probs.argmax(-1) == ids).float())
     torch.testing.assert_close(logp, _full_logps(hidden, weight, ids, 0.7))
     assert not entropy.requires_grad and logp.requires_grad  # a metric, not part of the loss
     # hand-computed: a uniform distribution over V tokens has entropy log V
-    flat = grpo.completion_logps(torch.zeros(1, 1, 8), weight, ids[:1, :1], with_entropy=True)[1]
+    flat = grpo.completion_logps(torch.zeros(1, 1, 8), weight, ids[:1, :1], with_stats=True)[1]
     torch.testing.assert_close(flat, torch.tensor([[math.log(11)]]))
 
 
