@@ -7,14 +7,45 @@
 Settings (REFERENCE: the paper's recipe): 8 prompts x G = 8 completions, SAT-sized images
 (448 x 896 pixels = 512 visual tokens), exactly 700 new tokens per completion (generation's
 min_new_tokens = max_new_tokens keeps EOS from being sampled earlier: the worst case), beta 0.04,
-mu 1. Each variant runs in its own process, so that its peak memory is its own, and calls the
-trainer's own step functions (policy.generate, train.add_old_and_ref_logps, train.update).
-Reports peak allocated/reserved memory, the step time split into generation / log-prob passes
-(reference) / update (forward, backward, optimizer), and generated tokens per second; writes
-benchmarks/results/<gpu>.json and a markdown table.
+mu 1, LoRA r 64 / alpha 128 on the language model, the r1 prompt, random rewards. Each variant
+runs in its own process, so that its peak memory is its own, and a warm-up step is not counted.
+
+Variants: `lora`, `lora+liger`, `qlora+liger` call the trainer's own step functions
+(policy.generate, train.add_old_and_ref_logps, train.update); `trl-lora` runs the reference
+library's GRPOTrainer (TRL 1.16) on the same model folder, images, prompts and settings, with
+plain transformers generation (no vLLM), as a single-GPU user runs it.
+
+What each variant reports (one JSON line; null where it cannot be measured):
+  step_time_s, generation_s, logp_s, update_s   wall time of a step and its phases: generation,
+      the no-grad log-prob passes (the reference's), the update (forward, backward, optimizer).
+      trl-lora: generation is the time inside the model's `generate`; log-probs the time in
+      its log-prob passes run without gradients; update the rest of the step (its prompt
+      processing, rewards, the policy passes and the optimizer).
+  tokens_per_s, completion_tokens   generated tokens per second of generation; mean length.
+  peak_allocated_gib, peak_reserved_gib   the step's peak (CUDA only).
+  memory_gib   CUDA only: `weights` allocated after loading the base model; `lora_and_optimizer`
+      what the warm-up step leaves allocated beyond them once its batch is freed (the adapter,
+      AdamW's two moments, anything else kept, such as library workspaces); the peak allocated
+      in each phase (`generation_peak`, `logp_peak`, `update_peak`; peak stats reset between
+      phases). trl-lora loads the model and the adapter in one call: no `weights` there.
+  decode_ms_per_step   one decode step of the whole batch: the same batch is generated again
+      with max_new_tokens=1 (processing, vision tower, prefill, one token), taking prefill_s,
+      and (generation_s - prefill_s) / (new tokens - 1). The repeat is not part of the step.
+  floor_ms_per_step, bandwidth_gb_s, decode_read_gb   the least time a decode step can take: the
+      bytes it must read (every weight it uses as stored, so 4-bit weights count 4 bits, the
+      adapter included, the vision tower not: decoding never runs it; plus the KV cache at the
+      mean context, 2 x layers x KV heads x head dim x bytes x sequences x (padded prompt + new
+      tokens / 2)) over the bandwidth of a large device-to-device copy measured in the same
+      process (bytes read + written per second: a 1 GiB tensor on GPU, 64 MiB on CPU).
+  vision_calls_per_step, images_encoded_per_step, vision_by_phase   calls of the vision tower and
+      images it encoded (rows of grid_thw) in a step, in total and per phase (a forward hook).
+
+Writes benchmarks/results/<gpu>.json and a markdown table (not with --tiny).
 """
 
 import argparse
+import copy
+import itertools
 import json
 import random
 import subprocess
@@ -34,8 +65,17 @@ import grpo  # noqa: E402
 import policy  # noqa: E402
 import train  # noqa: E402
 
+# Config overrides per variant; trl-lora uses the plain LoRA settings for what it shares with
+# ours (LoRA shape, learning rate) and is driven by run_trl.
 VARIANTS = {"lora": dict(use_liger=False), "lora+liger": dict(use_liger=True),
-            "qlora+liger": dict(use_liger=True, load_in_4bit=True)}
+            "qlora+liger": dict(use_liger=True, load_in_4bit=True),
+            "lora+liger+static": dict(use_liger=True, static_cache=True), "trl-lora": dict()}
+PHASES = ("generation", "logp", "update")
+# The r1 prompt through TRL: it takes multimodal prompts only as chat messages, so this template
+# renders the user's content as is (the image's tokens, then the text): data.PROMPT_TEMPLATE.
+R1_CHAT_TEMPLATE = ("{% for message in messages %}{% for item in message['content'] %}"
+                    "{% if item['type'] == 'image' %}" + data.VISION_TOKENS +
+                    "{% else %}{{ item['text'] }}{% endif %}{% endfor %}{% endfor %}")
 
 
 def build_random_qwen2vl_2b(folder):
@@ -53,90 +93,357 @@ def build_random_qwen2vl_2b(folder):
     return folder
 
 
-def run_variant(args):
-    """One variant in this process: a few full GRPO steps; prints one JSON line."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    settings = dict(prompts=args.prompts, G=args.G, completion_tokens=args.completion_tokens,
-                    beta=0.04, mu=1, image_pixels=args.image_side * args.image_side * 2)
+def bench_examples(args):
+    """B SAT-sized rows (synthetic counting images), the r1 prompt, as every variant sees them."""
+    images = [demo.synthetic_row(random.Random(i), "count", args.image_side)[0]
+              for i in range(args.prompts)]
+    fields = dict(question="How many shapes are there?", choices=["1", "2", "3"], answer="2")
+    return [data.make_example(image.resize((args.image_side * 2, args.image_side)), fields,
+                              random.Random(i)) for i, image in enumerate(images)]
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class VisionCounter:
+    """Calls of the base model's vision tower and the images they encoded (rows of grid_thw)."""
+
+    def __init__(self, model):
+        self.calls = self.images = 0
+        base_of(model).model.visual.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.calls += 1
+        self.images += 0 if grid is None else len(grid)
+
+
+class StepMeter:
+    """Wall time, peak CUDA memory and vision-tower work of one step, split into PHASES. The time
+    from one `switch` to the next goes to the phase switched to; switch(None) pauses (what runs
+    then is not part of the step)."""
+
+    def __init__(self, device, vision):
+        self.device, self.vision, self.phase = device, vision, None
+
+    def begin(self, phase):
+        self.totals = {p: dict(s=0.0, peak=0, reserved=0, calls=0, images=0) for p in PHASES}
+        self.switch(phase)
+
+    def switch(self, phase):
+        synchronize(self.device)
+        now, cuda = time.perf_counter(), self.device.type == "cuda"
+        if self.phase is not None:
+            t = self.totals[self.phase]
+            t["s"] += now - self.since
+            t["calls"] += self.vision.calls - self.calls
+            t["images"] += self.vision.images - self.images
+            if cuda:
+                t["peak"] = max(t["peak"], torch.cuda.max_memory_allocated())
+                t["reserved"] = max(t["reserved"], torch.cuda.max_memory_reserved())
+        if cuda:  # a phase's peak is its own: counted from the allocation at its start
+            torch.cuda.reset_peak_memory_stats()
+        self.phase, self.calls, self.images = phase, self.vision.calls, self.vision.images
+        self.since = time.perf_counter()
+
+    def end(self):
+        self.switch(None)
+        return self.totals
+
+
+def copy_bandwidth(device):
+    """GB/s read + written by a device-to-device copy of a tensor far larger than any cache."""
+    size, reps = (2**30, 20) if device.type == "cuda" else (2**26, 5)
+    src = torch.ones(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults and lazy allocation are not bandwidth
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * size * reps / (time.perf_counter() - start) / 1e9
+
+
+def decode_read_bytes(model, sequences, context):
+    """Bytes one decode step of `sequences` reads at `context` tokens of KV cache: the weights as
+    stored (the adapter's too: peft runs it unmerged), except the vision tower's."""
+    base = base_of(model)
+    tower = {id(t) for t in itertools.chain(base.model.visual.parameters(),
+                                            base.model.visual.buffers())}
+    tensors = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}  # tied once
+    weights = sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in tower)
+    text = base.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache_bytes = base.get_input_embeddings().weight.element_size()  # the compute dtype
+    kv = (2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * cache_bytes
+          * sequences * context)
+    return weights + kv
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def summarize(variant, device, model, records, settings, memory=None):
+    """The JSON line of a variant from its timed steps' records."""
+    cuda = device.type == "cuda"
+    phase_s = {p: mean([r["phases"][p]["s"] for r in records]) for p in PHASES}
+    gen_s, tokens = phase_s["generation"], mean([r["tokens"] for r in records])
+    last = records[-1]
+    decode_ms = None
+    if last["new_tokens"] > 1:
+        decode_ms = mean([(r["phases"]["generation"]["s"] - r["prefill_s"])
+                          / (r["new_tokens"] - 1) for r in records]) * 1000
+    bandwidth = copy_bandwidth(device)
+    read = decode_read_bytes(model, last["sequences"],
+                             last["prompt_length"] + last["new_tokens"] / 2)
+    vision = {p: {k: mean([r["phases"][p][k] for r in records]) for k in ("calls", "images")}
+              for p in PHASES}
+    peak = reserved = None
+    if cuda:
+        phase_peaks = {p: max(r["phases"][p]["peak"] for r in records) / 2**30 for p in PHASES}
+        memory = {**(memory or dict(weights=None, lora_and_optimizer=None)),
+                  **{f"{p}_peak": phase_peaks[p] for p in PHASES}}
+        peak = max(phase_peaks.values())
+        reserved = max(r["phases"][p]["reserved"] for r in records for p in PHASES) / 2**30
+    return {
+        "variant": variant, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+        "peak_allocated_gib": peak, "peak_reserved_gib": reserved,
+        "step_time_s": sum(phase_s.values()), "generation_s": gen_s,
+        "logp_s": phase_s["logp"], "update_s": phase_s["update"],
+        "tokens_per_s": tokens / gen_s, "completion_tokens": tokens / last["sequences"],
+        "decode_ms_per_step": decode_ms,
+        "floor_ms_per_step": read / (bandwidth * 1e9) * 1000, "bandwidth_gb_s": bandwidth,
+        "decode_read_gb": read / 1e9,
+        "vision_calls_per_step": sum(v["calls"] for v in vision.values()),
+        "images_encoded_per_step": sum(v["images"] for v in vision.values()),
+        "vision_by_phase": vision, "memory_gib": memory if cuda else None,
+        "settings": settings}
+
+
+# --- the variants -------------------------------------------------------------------------------
+
+def run_ours(args, device, examples, settings):
+    """A few full GRPO steps through the trainer's own step functions."""
     cfg = train.Config(model=args.model, num_generations=args.G, prompts_per_step=args.prompts,
                        micro_batch_size=args.micro_batch_size,
                        max_completion_length=args.completion_tokens, beta=0.04,
                        learning_rate=1e-5, **VARIANTS[args.variant])
+    cuda = device.type == "cuda"
     model, processor = policy.load_base_model(cfg.model, device, cfg.load_in_4bit)
+    weights = torch.cuda.memory_allocated() if cuda else 0
+    if cfg.use_liger and cuda:  # as train.load_model: Triton kernels need CUDA
+        policy.apply_liger_kernels(model)
     model = policy.add_lora(model, cfg.lora_r, cfg.lora_alpha)
     gen_config = policy.generation_config(processor, max_new_tokens=cfg.max_completion_length,
-                                          temperature=cfg.temperature, top_k=cfg.top_k)
+                                          temperature=cfg.temperature, top_k=cfg.top_k,
+                                          static_cache=cfg.static_cache)
     gen_config.min_new_tokens = cfg.max_completion_length  # every completion has them all
-    images = [demo.synthetic_row(random.Random(i), "count", args.image_side)[0]
-              for i in range(args.prompts)]
-    fields = dict(question="How many shapes are there?", choices=["1", "2", "3"], answer="2")
-    examples = [data.make_example(image.resize((args.image_side * 2, args.image_side)), fields,
-                                  random.Random(i)) for i, image in enumerate(images)]
+    prefill_config = copy.deepcopy(gen_config)
+    prefill_config.max_new_tokens, prefill_config.min_new_tokens = 1, 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: 1.0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    meter = StepMeter(device, VisionCounter(model))
+    records, memory = [], None
     for step in range(args.steps + 1):  # step 0 warms up (kernels, allocator), not counted
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sync()
-        t0 = time.perf_counter()
+        meter.begin("generation")
         rollout, texts = policy.generate(model, processor, examples, gen_config, args.G)
-        sync()
-        t1 = time.perf_counter()
+        meter.switch("logp")
         rollout.advantages = grpo.group_advantages(torch.randn(len(texts), device=device), args.G)
         train.add_old_and_ref_logps(model, rollout, cfg)
-        sync()
-        t2 = time.perf_counter()
+        meter.switch("update")
         train.update(model, optimizer, scheduler, rollout, cfg)
-        sync()
-        t3 = time.perf_counter()
+        record = dict(phases=meter.end(), tokens=int(rollout.completion_mask.sum()),
+                      sequences=len(rollout), prompt_length=rollout.prompt_ids.shape[1],
+                      new_tokens=rollout.completion_ids.shape[1])
+        del rollout, texts  # so that what is left allocated is what every step keeps
+        if step == 0 and cuda:
+            memory = dict(weights=weights / 2**30,
+                          lora_and_optimizer=(torch.cuda.memory_allocated() - weights) / 2**30)
+        synchronize(device)
+        start = time.perf_counter()
+        policy.generate(model, processor, examples, prefill_config, args.G)
+        synchronize(device)
+        record["prefill_s"] = time.perf_counter() - start
         if step:
-            times.append((t1 - t0, t2 - t1, t3 - t2, int(rollout.completion_mask.sum())))
-    gen, logp, upd, tokens = (sum(x) / len(times) for x in zip(*times))
+            records.append(record)
+    return summarize(args.variant, device, model, records, settings, memory)
+
+
+def random_reward(completions, **kwargs):
+    """TRL's reward contract: one float per completion. Random, as the advantages of ours."""
+    return [random.random() for _ in completions]
+
+
+def run_trl(args, device, examples, settings):
+    """A few steps of TRL's GRPOTrainer, timed from the outside: a callback marks each optimizer
+    step, and the model's `generate` and the trainer's log-prob passes are wrapped with timers."""
+    import datasets
+    import trl
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+
+    cfg = train.Config(model=args.model, **VARIANTS[args.variant])
     cuda = device.type == "cuda"
-    print(json.dumps({
-        "variant": args.variant, "gpu": torch.cuda.get_device_name() if cuda else "cpu",
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "step_time_s": gen + logp + upd, "generation_s": gen, "logp_s": logp, "update_s": upd,
-        "tokens_per_s": tokens / gen, "completion_tokens": tokens / len(texts),
-        "settings": settings}))
+    processor = policy.load_processor(args.model)
+    processor.chat_template = R1_CHAT_TEMPLATE
+    processor.tokenizer.padding_side = "left"  # TRL needs it; its own loading sets it too
+    tokens = policy.special_tokens(processor)
+    rows = [{"prompt": [{"role": "user", "content": ex["prompt"][len(data.VISION_TOKENS):]}],
+             "image": ex["image"]} for ex in examples]
+    N = args.prompts * args.G
+    # One optimizer step per generation batch of B x G completions, cut into forward/backward
+    # passes of --micro_batch_size sequences as ours (or the largest divisor of N below it):
+    # TRL splits a generation batch into gradient_accumulation_steps passes.
+    micro = max(d for d in range(1, min(args.micro_batch_size, N) + 1) if N % d == 0)
+    settings = {**settings, "trl": trl.__version__, "per_device_train_batch_size": micro,
+                "gradient_accumulation_steps": N // micro}
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=policy.LM_LORA_TARGETS)
+    workdir = tempfile.TemporaryDirectory()  # TRL wants an output_dir; nothing is saved there
+    config = trl.GRPOConfig(
+        output_dir=workdir.name, report_to="none", save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, max_steps=args.steps + 1, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=N // micro, num_generations=args.G,
+        max_completion_length=args.completion_tokens,
+        # as ours: every completion is max_completion_length long, no vision token is sampled
+        generation_kwargs=dict(min_new_tokens=args.completion_tokens,
+                               suppress_tokens=list(tokens.vision)),
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, beta=0.04,
+        num_iterations=1, loss_type="grpo", scale_rewards=cfg.scale_rewards,
+        use_bias_correction_kl=False,  # ours' KL gradient (REFERENCE 7); the cost is the same
+        learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=cfg.max_grad_norm,
+        bf16=cuda, gradient_checkpointing=True, use_vllm=False, seed=cfg.seed,
+        model_init_kwargs=dict(dtype=torch.bfloat16 if cuda else torch.float32))
+    # Left at TRL's defaults, as its users run it: AdamW fused, bf16 autocast around the
+    # forward passes (ours: bf16 weights, no autocast), log-probs through its fused LM head.
+    with policy.quiet_peft():
+        trainer = trl.GRPOTrainer(model=args.model, reward_funcs=random_reward, args=config,
+                                  train_dataset=datasets.Dataset.from_list(rows),
+                                  processing_class=processor, peft_config=lora)
+    trainer.remove_callback(PrinterCallback)  # its summary would mix with our JSON on stdout
+    model = trainer.model
+    meter = StepMeter(device, VisionCounter(model))
+    records, current = [], {}
+    generate = model.generate
+
+    def timed_generate(*a, **kwargs):
+        meter.switch("generation")
+        out = generate(*a, **kwargs)
+        meter.switch(None)
+        prompt_ids = kwargs["input_ids"]
+        completion_ids = out[:, prompt_ids.shape[1]:]                              # (N, C)
+        current.update(tokens=int(grpo.completion_mask(completion_ids, tokens.eos).sum()),
+                       sequences=len(out), prompt_length=prompt_ids.shape[1],
+                       new_tokens=completion_ids.shape[1])
+        # The prefill-only repeat runs here, inside TRL's generation context (gradient
+        # checkpointing off, no grad), while the meter is paused: it is not part of the step.
+        prefill = copy.deepcopy(kwargs["generation_config"])
+        prefill.max_new_tokens, prefill.min_new_tokens = 1, 0
+        start = time.perf_counter()
+        generate(*a, **{**kwargs, "generation_config": prefill})
+        synchronize(device)
+        current["prefill_s"] = time.perf_counter() - start
+        meter.switch("update")
+        return out
+
+    logps = trainer._get_per_token_logps_and_entropies
+
+    def timed_logps(*a, **kwargs):
+        # Without gradients: the reference's pass (the sampling policy's too, which TRL runs
+        # only when generation and optimizer steps are out of step: not here). With them: the
+        # policy's own pass, part of the update.
+        if torch.is_grad_enabled():
+            return logps(*a, **kwargs)
+        meter.switch("logp")
+        out = logps(*a, **kwargs)
+        meter.switch("update")
+        return out
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            meter.begin("update")  # until generation: TRL's prompt processing
+
+        def on_step_end(self, args, state, control, **kwargs):
+            phases = meter.end()
+            if state.global_step > 1:  # step 1 warms up, not counted
+                records.append(dict(current, phases=phases))
+
+    model.generate = timed_generate
+    trainer._get_per_token_logps_and_entropies = timed_logps
+    trainer.add_callback(Steps())
+    trainer.train()
+    workdir.cleanup()
+    return summarize(args.variant, device, model, records, settings)
+
+
+def run_variant(args):
+    """One variant in this process; prints one JSON line."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = dict(prompts=args.prompts, G=args.G, completion_tokens=args.completion_tokens,
+                    beta=0.04, mu=1, image_pixels=args.image_side * args.image_side * 2,
+                    micro_batch_size=args.micro_batch_size)
+    run = run_trl if args.variant == "trl-lora" else run_ours
+    print(json.dumps(run(args, device, bench_examples(args), settings)), flush=True)
 
 
 def table(results):
+    def num(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
     lines = ["| variant | peak allocated GiB | peak reserved GiB | step s | generation s "
-             "| ref log-probs s | update s | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+             "| ref log-probs s | update s | tokens/s | decode ms/step | floor ms/step "
+             "| vision calls/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        mem = [f"{r[k]:.1f}" if r[k] is not None else "-"
-               for k in ("peak_allocated_gib", "peak_reserved_gib")]
-        lines.append(f"| {r['variant']} | {mem[0]} | {mem[1]} | {r['step_time_s']:.1f} "
+        lines.append(f"| {r['variant']} | {num(r['peak_allocated_gib'], 1)} "
+                     f"| {num(r['peak_reserved_gib'], 1)} | {r['step_time_s']:.1f} "
                      f"| {r['generation_s']:.1f} | {r['logp_s']:.1f} | {r['update_s']:.1f} "
-                     f"| {r['tokens_per_s']:.0f} |")
+                     f"| {r['tokens_per_s']:.0f} | {num(r['decode_ms_per_step'], 1)} "
+                     f"| {num(r['floor_ms_per_step'], 2)} | {r['vision_calls_per_step']:.0f} |")
     return "\n".join(lines)
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="a local model folder (default: the 2B architecture, random weights)")
+                        help="a local model folder (default: the 2B architecture, random weights, "
+                        "built once into the temp folder; with --tiny, the tiny model)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="which variants to run (default: all)")
+                        help="which variants to run, each in its own process (default: all)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps, after a warm-up step")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step (B)")
     parser.add_argument("--G", type=int, default=8, help="completions per prompt")
     parser.add_argument("--completion_tokens", type=int, default=700,
                         help="new tokens per completion (all of them: EOS is held back)")
     parser.add_argument("--micro_batch_size", type=int, default=8,
-                        help="sequences per forward/backward")
+                        help="sequences per forward/backward (trl-lora: its "
+                        "per_device_train_batch_size, the largest divisor of B x G up to it)")
     parser.add_argument("--image_side", type=int, default=448,
                         help="images are side x 2*side pixels (448: 512 visual tokens)")
     parser.add_argument("--tiny", action="store_true",
-                        help="smoke-test the script with the tiny model (CPU)")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant, here
+                        help="smoke-test the script with the tiny model (runs on CPU); writes no "
+                        "results")
+    parser.add_argument("--variant", choices=list(VARIANTS),
+                        help="internal: run this one variant in this process and print its JSON "
+                        "line (the script starts one such process per variant)")
+    return parser
+
+
+def main():
+    parser = build_parser()
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1 (the warm-up step is not counted)")
     if args.variant:
         return run_variant(args)
     if args.model is None:

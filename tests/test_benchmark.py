@@ -1,6 +1,8 @@
 """The GPU benchmark script, smoke-tested on CPU with the tiny model (it measures nothing here)."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,21 +10,58 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "grpo_step.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("grpo_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_flag_is_explained():
+    assert all(action.help for action in load_script().build_parser()._actions)
 
 
 @pytest.mark.slow
 def test_benchmark_script_runs_every_variant():
+    # 12 new tokens: generation is then mostly decode steps, so its time stays above the
+    # prefill-only repeat's even on a busy CPU. 2-sequence micro-batches: TRL accumulates two
+    # passes per optimizer step, ours cuts the batch in two. One thread a process: on a shared
+    # 2-core machine torch's two threads wait on each other (a tiny matmul then takes ~15 ms).
+    B, G, C = 2, 2, 12
     done = subprocess.run(
         [
-            sys.executable, str(ROOT / "benchmarks" / "grpo_step.py"), "--tiny", "--steps", "1",
-            "--prompts", "2", "--G", "2", "--completion_tokens", "4", "--image_side", "56",
-            "--micro_batch_size", "4",
+            sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--prompts", str(B),
+            "--G", str(G), "--completion_tokens", str(C), "--image_side", "56",
+            "--micro_batch_size", "2",
         ],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [r["variant"] for r in rows] == ["lora", "lora+liger", "qlora+liger"]
+    assert [r["variant"] for r in rows] == list(load_script().VARIANTS)
     for r in rows:
         assert r["step_time_s"] > 0 and r["generation_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["completion_tokens"] == C  # EOS held back in TRL too
+        assert r["decode_ms_per_step"] > 0 and r["bandwidth_gb_s"] > 0
+        assert 0 < r["floor_ms_per_step"] < r["decode_ms_per_step"]  # a floor, not a guess
+        assert r["peak_allocated_gib"] is None and r["memory_gib"] is None  # CUDA only
+        phases = r["vision_by_phase"]
+        assert r["vision_calls_per_step"] == sum(p["calls"] for p in phases.values()) >= 1
+        assert r["images_encoded_per_step"] == sum(p["images"] for p in phases.values())
+        # Generation encodes each image once per completion (B x G), or once per prompt (B)
+        # when the G completions share it; the log-prob and update passes encode them again
+        # in either way, or reuse generation's features (0).
+        assert phases["generation"]["images"] in (B, B * G)
+        assert phases["logp"]["images"] in (0, B, B * G)
+        assert phases["update"]["images"] in (0, B, B * G)
+    trl = rows[-1]
+    # TRL repeats each prompt's image G times and encodes it in every pass: generation, the
+    # reference's log-probs and the update, each pass in micro-batches of 2 sequences.
+    assert trl["images_encoded_per_step"] == 3 * B * G
+    assert trl["vision_calls_per_step"] == 1 + 2 * (B * G // 2)
+    assert trl["settings"]["gradient_accumulation_steps"] == 2
     assert not (ROOT / "benchmarks" / "results" / "cpu.json").exists()
