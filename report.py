@@ -213,7 +213,8 @@ def main(argv=None):
     panels = [key for key in PANELS if key in logged]
     if absent := [key for key in PANELS if key not in logged]:
         print(f"note: no run logs {', '.join(absent)}; left out", file=sys.stderr)
-    if any(key.startswith(PHRASES) for key in logged):
+    if any(key.startswith(PHRASES) and any(key in run and run[key][1].any() for run in runs)
+           for key in logged):  # an empty panel when no completion ever reflected says nothing
         panels.append(PHRASES)
     if not panels:
         raise UserError(f"no run logs any of {', '.join(PANELS)}")
