@@ -294,18 +294,15 @@ def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
     for _ in range(steps):
         batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
         targets = [data.answer_completion(ex, random_answer(rng, ex, examples)) for ex in batch]
         rollout = policy.answer_rollout(processor, batch, targets)
-        logp, mask = policy.token_logps(model, rollout), rollout.completion_mask  # (N, C)
-        loss = -(logp * mask).sum() / mask.sum()
-        loss.backward()
+        loss, _ = policy.accumulate_sft_gradients(model, rollout, batch_size)  # one micro-batch
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(folder)
-    return loss.item()
+    return loss
 
 
 def build_demo_model(folder, seed, tasks, image_size):

@@ -214,6 +214,11 @@ def answer_rollout(processor, examples, completions, device="cpu"):
                                  completion_ids.to(device), mask.to(device), tokens.vision_start)
 
 
+def base_of(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def vision_trainable(model):
     return any(p.requires_grad for name, p in model.named_parameters() if ".visual." in name)
 
@@ -221,7 +226,7 @@ def vision_trainable(model):
 def image_features(model, images, image_grid_thw):
     """The vision tower's output for each image (tokens_i, H), computed once per DISTINCT image
     tensor: the G sequences of a prompt share theirs (detail 12)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     first = {}                               # id of an image tensor -> the first slot showing it
     for slot, image in enumerate(images):
         first.setdefault(id(image), slot)
@@ -365,7 +370,7 @@ def generate(model, processor, examples, gen_config, group_size=1, max_prompt_le
 def completion_hidden(model, rollout):
     """Final hidden states at the positions that predict the completion tokens (n, C, H), and
     the output projection (V, H). `model` is a peft model or a plain Qwen2-VL."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     features = rollout.image_features or image_features(model, rollout.images,
                                                         rollout.image_grid_thw)
     hidden = base.model(**rollout.model_inputs(features),

@@ -109,16 +109,13 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def base_of(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class VisionCounter:
     """Calls of the base model's vision tower and the images they encoded (rows of grid_thw)."""
 
     def __init__(self, model):
         self.calls = self.images = 0
-        base_of(model).model.visual.register_forward_pre_hook(self.count, with_kwargs=True)
+        visual = policy.base_of(model).model.visual
+        visual.register_forward_pre_hook(self.count, with_kwargs=True)
 
     def count(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -176,7 +173,7 @@ def copy_bandwidth(device):
 def decode_read_bytes(model, sequences, context):
     """Bytes one decode step of `sequences` reads at `context` tokens of KV cache: the weights as
     stored (the adapter's too: peft runs it unmerged), except the vision tower's."""
-    base = base_of(model)
+    base = policy.base_of(model)
     tower = {id(t) for t in itertools.chain(base.model.visual.parameters(),
                                             base.model.visual.buffers())}
     tensors = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}  # tied once
