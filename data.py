@@ -321,11 +321,13 @@ class Examples(Rows):
                 image_tokens(*size, self.view.min_pixels, self.view.max_pixels))
 
 
-def check_rows(examples, desc="checking rows"):
-    """Every row's fields and image, before any model is loaded; a bar for large datasets.
-    Returns, per row, (question text, visual tokens) for the prompt-length check."""
+def check_rows(examples, desc="checking rows", progress=True):
+    """Every row's fields and image, before any model is loaded; a bar for large datasets
+    (with `progress`). Returns, per row, (question text, visual tokens) for the prompt-length
+    check."""
     rows = range(len(examples))
-    return [examples.check(i) for i in tqdm(rows, desc=desc, disable=len(rows) < 2000,
+    shown = progress and len(rows) >= 2000
+    return [examples.check(i) for i in tqdm(rows, desc=desc, disable=not shown,
                                             dynamic_ncols=True)]
 
 

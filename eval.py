@@ -193,10 +193,9 @@ def detection_map(rows):
                                    [r["gold"] for r in rows])
 
 
-def score_on(model, processor, items, batch_size, max_new_tokens):
-    """Strict accuracy (choice), Acc@IoU>=0.5 (rec) or mAP (ovd), as a fraction, on eval items
+def score(rows):
+    """Strict accuracy (choice), Acc@IoU>=0.5 (rec) or mAP (ovd), as a fraction, of judged rows
     (eval/accuracy or eval/mAP during training)."""
-    rows = list(predict(model, processor, items, batch_size, max_new_tokens))
     if rows and rows[0]["task_type"] == "ovd":
         return detection_map(rows) / 100
     return sum(r["correct"] for r in rows) / max(1, len(rows))

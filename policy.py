@@ -414,9 +414,12 @@ def liger_loss(model, mb, temperature, num_sequences, num_tokens, beta=0.0, eps_
         epsilon_high=eps_high, loss_type=loss_type, max_completion_length=max_completion_length,
         temperature=temperature)
     hidden, weight = completion_hidden(model, mb)
+    # Liger divides dapo's normaliser by the number of processes, for DDP's gradient mean; the
+    # trainer sums the processes' gradients (detail 15), so the normaliser goes in times that.
+    processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     loss, metrics = loss_fn(hidden, weight, mb.completion_ids, mb.completion_mask, mb.advantages,
                             ref_per_token_logps=mb.ref_logp, old_per_token_logps=mb.old_logp,
-                            num_items_in_batch=num_tokens)
+                            num_items_in_batch=num_tokens * processes)
     if loss_type != "dapo":
         loss = loss * len(mb) / num_sequences
     return loss, {"kl": metrics[0].item() if beta != 0.0 else 0.0,
@@ -424,14 +427,17 @@ def liger_loss(model, mb, temperature, num_sequences, num_tokens, beta=0.0, eps_
 
 
 def accumulate_gradients(model, rollout, micro_batch_size, temperature=1.0, chunk_size=1024,
-                         use_liger=False, **loss_kwargs):
+                         use_liger=False, num_sequences=None, num_tokens=None, **loss_kwargs):
     """Forward and backward over the micro-batches of a generation batch. The loss normalisers
     are the whole batch's (detail 6), so the micro-batches' gradients add up to the batch's
-    however it is cut. `loss_kwargs` go to grpo.policy_loss. Returns (loss, stats): the batch's
-    loss, and the stats as token means over the batch (with the plain loss, the policy's
-    `entropy` too), and the lowest / highest micro-batch clip ratios."""
+    however it is cut: `num_sequences` and `num_tokens` (completion tokens) default to this
+    rollout's; with several processes, the totals over all of them (detail 15). `loss_kwargs` go
+    to grpo.policy_loss. Returns (loss, stats): this rollout's share of the batch's loss, and of
+    the stats as token means over the batch (with the plain loss, the policy's `entropy` too),
+    and the lowest / highest micro-batch clip ratios."""
     model.train()
-    num_sequences, num_tokens = len(rollout), rollout.completion_mask.sum()
+    num_sequences = num_sequences or len(rollout)
+    num_tokens = num_tokens or rollout.completion_mask.sum()
     loss_sum, stats_sum, low, high = 0.0, {}, [], []
     for _, mb in rollout.micro_batches(micro_batch_size):
         if use_liger:
@@ -456,12 +462,13 @@ def accumulate_gradients(model, rollout, micro_batch_size, temperature=1.0, chun
     return loss_sum, stats_sum
 
 
-def accumulate_sft_gradients(model, rollout, micro_batch_size, chunk_size=1024):
+def accumulate_sft_gradients(model, rollout, micro_batch_size, chunk_size=1024, num_tokens=None):
     """Forward and backward of the completions' negative log-likelihood (--objective sft), a
-    token mean over the whole batch, so the micro-batches add up to it. Returns (loss, stats):
-    the token accuracy (the reference library's SFT name) and entropy."""
+    token mean over the whole batch (`num_tokens`, default this rollout's), so the micro-batches
+    add up to it. Returns (loss, stats): the token accuracy (the reference library's SFT name)
+    and entropy."""
     model.train()
-    num_tokens = float(rollout.completion_mask.sum())
+    num_tokens = float(num_tokens or rollout.completion_mask.sum())
     loss_sum, hits, entropy = 0.0, 0.0, 0.0
     for _, mb in rollout.micro_batches(micro_batch_size):
         logp, token_entropy, top1 = token_logps(model, mb, 1.0, chunk_size, True)  # (n, C)

@@ -2,6 +2,7 @@
 
     python train.py --demo --output_dir runs/demo   # tiny model, synthetic data, CPU, minutes
     python train.py --output_dir runs/sat           # the paper's recipe: Qwen2-VL-2B base on SAT
+    torchrun --nproc_per_node 4 train.py ...        # 4 GPUs, the same run (README "More GPUs")
 
 Each step: sample B prompts -> generate G completions per prompt in ONE batched call -> score
 them with the rule-based rewards and turn the rewards into group advantages -> update the LoRA
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from peft import set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -124,6 +127,8 @@ class Config:
     resume: str | None = flag(None, "continue from the newest checkpoint in output_dir, or PATH",
                               nargs="?", const="latest", default_help="no")
     max_nonfinite_steps: int = flag(5, "stop after N consecutive non-finite steps", min=1)
+    report_to: str = flag("none", "also log the metrics to tensorboard (in OUTPUT_DIR/r1v) or "
+                          "wandb, through accelerate", choices=("none", "tensorboard", "wandb"))
 
     def __post_init__(self):
         cli.check_values(self)
@@ -152,7 +157,7 @@ def parse_config(argv=None):
 RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume", "eval_steps",
              "eval_limit", "eval_dataset", "log_samples_steps", "num_samples", "save_steps",
              "save_total_limit", "max_nonfinite_steps", "micro_batch_size", "logp_chunk_size",
-             "gradient_checkpointing", "use_liger", "static_cache"}
+             "gradient_checkpointing", "use_liger", "static_cache", "report_to"}
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl")
 
 
@@ -165,6 +170,76 @@ def load_model(cfg, device, model_name=None):
     model = policy.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                             cfg.train_vision, cfg.gradient_checkpointing)
     return model, processor
+
+
+# --- processes (detail 15) ----------------------------------------------------------------------
+# `accelerate launch` or `torchrun` starts one copy of this program per GPU (or CPU process). Each
+# takes its share of the step's prompts, generates and scores their completions, and the update
+# sums the gradients over the processes. With one process, every function here is the identity.
+
+def start_processes(cfg):
+    """This process's Accelerator: joined to the others under a launcher (NCCL on GPUs, gloo on
+    CPU), alone otherwise; it holds the --report_to tracker."""
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), project_dir=cfg.output_dir,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to)
+    if cfg.prompts_per_step % accelerator.num_processes:
+        raise UserError(f"--prompts_per_step {cfg.prompts_per_step} does not split over "
+                        f"{accelerator.num_processes} processes (each takes the same number of "
+                        "whole prompts): use a multiple of the number of processes")
+    return accelerator
+
+
+def share(items, rank, world):
+    """Process `rank`'s contiguous share of `items` (the first shares one longer when uneven): a
+    prompt's G completions stay on the process that got the prompt."""
+    size, extra = divmod(len(items), world)
+    start = rank * size + min(rank, extra)
+    return items[start:start + size + (rank < extra)]
+
+
+def sum_over_processes(tensors):
+    """In place: each tensor becomes its sum over the processes."""
+    if torch.distributed.is_initialized():
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+    return tensors
+
+
+def sum_gradients(params):
+    """Each gradient becomes its sum over the processes: the losses were normalised by the whole
+    batch's totals, so the sum is the one-process gradient (detail 15). DDP would do it during
+    the backward, but the policy runs through generate, the inner model (for the chunked
+    projection) and disable_adapter, which a DDP wrapper does not see; one sum per update is
+    the same arithmetic."""
+    if torch.distributed.is_initialized():
+        for p in params:
+            if p.grad is None:  # the same collectives on every process
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+
+def start_equal(params):
+    """Process 0's trainable weights on every process. The seed makes them equal already; this
+    is DDP's guarantee, so that summed gradients move one and the same model."""
+    if torch.distributed.is_initialized():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=0)
+
+
+def start_tracker(accelerator, cfg, out, start_step):
+    """--report_to's run: the config as its hyper-parameters; tensorboard's event files in
+    OUTPUT_DIR/r1v, where a resumed run drops what was logged after its checkpoint."""
+    if cfg.report_to == "none":
+        return
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v)  # tensorboard's types
+              for k, v in dataclasses.asdict(cfg).items()}
+    try:
+        accelerator.init_trackers("r1v", config, init_kwargs={
+            "tensorboard": {"purge_step": start_step + 1},
+            "wandb": {"name": out.name, "dir": str(out)}})
+    except Exception as e:  # wandb without a login, a tracker's own checks
+        raise UserError(f"--report_to {cfg.report_to}: cannot start it ({e}); for wandb: "
+                        "`wandb login`, or WANDB_MODE=offline") from e
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -209,21 +284,21 @@ def check_prompt_lengths(processor, rows, name, template, max_prompt_length):
                             "raise --max_prompt_length")
 
 
-def next_examples(dataset, indices, counters, report):
+def next_examples(dataset, indices, report):
     """The examples of a step; a row that fails now (a file deleted mid-run) is replaced by
-    the next readable one, counted, and reported once."""
-    examples = []
+    the next readable one, reported once. Returns them and how many rows were skipped."""
+    examples, skipped = [], 0
     for i in indices:
         for j in range(i, i + len(dataset)):
             try:
                 examples.append(dataset[j % len(dataset)])
                 break
             except UserError as e:
-                counters["skipped_rows"] += 1
+                skipped += 1
                 report("row", f"skipped a row that cannot be read now: {e}")
         else:
             raise UserError(f"{dataset.name}: no row can be read any more")
-    return examples
+    return examples, skipped
 
 
 # --- the update ---------------------------------------------------------------------------------
@@ -254,19 +329,26 @@ def optimizer_step(params, optimizer, scheduler, loss, max_grad_norm):
 
 
 def update(model, optimizer, scheduler, rollout, cfg):
-    """--num_iterations optimizer updates on one generation batch. Returns the loss stats and
-    the gradient norm (means over the updates) and how many were skipped as non-finite."""
+    """--num_iterations optimizer updates on one generation batch (this process's share of it).
+    Returns the loss stats and the gradient norm (means over the updates, of the whole batch)
+    and how many were skipped as non-finite."""
     params = [p for p in model.parameters() if p.requires_grad]
+    num_sequences, num_tokens = sum_over_processes(  # the whole batch's normalisers (detail 15)
+        [torch.tensor(len(rollout), device=rollout.completion_mask.device),
+         rollout.completion_mask.sum()])
     losses, grad_norms, stats = [], [], {}
     for iteration in range(cfg.num_iterations):
         if cfg.objective == "sft":
             loss, iteration_stats = policy.accumulate_sft_gradients(
-                model, rollout, cfg.micro_batch_size, cfg.logp_chunk_size)
+                model, rollout, cfg.micro_batch_size, cfg.logp_chunk_size, num_tokens)
         else:
             loss, iteration_stats = policy.accumulate_gradients(
                 model, rollout, cfg.micro_batch_size, cfg.temperature, cfg.logp_chunk_size,
-                cfg.use_liger, beta=cfg.beta, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
-                loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length)
+                cfg.use_liger, num_sequences, num_tokens, beta=cfg.beta, eps_low=cfg.epsilon_low,
+                eps_high=cfg.epsilon_high, loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_completion_length)
+        loss, iteration_stats = gather_stats(loss, iteration_stats)
+        sum_gradients(params)
         for key, value in iteration_stats.items():  # the mean over the iterations
             stats[key] = stats.get(key, 0.0) + value / cfg.num_iterations
         grad_norm = optimizer_step(params, optimizer, scheduler, loss, cfg.max_grad_norm)
@@ -278,6 +360,15 @@ def update(model, optimizer, scheduler, rollout, cfg):
             "nonfinite": cfg.num_iterations - len(grad_norms)}
 
 
+def gather_stats(loss, stats):
+    """The whole batch's loss and stats from the processes' shares: each is a share of a
+    whole-batch mean, so they add up; the clip ratios' extremes are the extremes."""
+    shares = gather_object([(loss, stats)])
+    reduce = {"clip_ratio/low_min": min, "clip_ratio/high_max": max}
+    return (sum(loss for loss, _ in shares),
+            {k: reduce.get(k, sum)(s[k] for _, s in shares) for k in stats})
+
+
 def lr_factor(index, warmup, total, kind):
     """Multiplier of the peak learning rate at optimizer update `index` (0-based)."""
     if index < warmup:
@@ -285,30 +376,61 @@ def lr_factor(index, warmup, total, kind):
     return 1.0 if kind == "constant" else max(0.0, (total - index) / (total - warmup))
 
 
-def completion_examples(examples, rollout, eos_id, group_size):
+@dataclass
+class Scored:
+    """The completions of a generation batch and what they scored, on the host. Each process
+    scores its share; `gathered` joins the shares, so that the metrics and samples are the
+    whole batch's, the same whatever the number of processes."""
+    texts: list
+    examples: list      # the example each completion answers
+    total: list         # the weighted sum of the rewards
+    parts: dict         # reward name -> its unweighted values
+    errors: dict        # reward name -> calls that raised
+    lengths: list       # completion tokens, EOS included
+    terminated: list    # ended by EOS (not clipped at --max_completion_length)
+
+    def gathered(self):
+        """Every process's share, in process order (the images stay behind)."""
+        mine = dataclasses.replace(self, examples=[{k: v for k, v in ex.items() if k != "image"}
+                                                   for ex in self.examples])
+        shares = gather_object([mine])
+        return Scored(*(sum((getattr(s, f) for s in shares), []) for f in
+                        ("texts", "examples", "total")),
+                      {n: sum((s.parts[n] for s in shares), []) for n in self.parts},
+                      {n: sum(s.errors[n] for s in shares) for n in self.errors},
+                      *(sum((getattr(s, f) for s in shares), []) for f in
+                        ("lengths", "terminated")))
+
+
+def completion_lengths(rollout, eos_id):
+    """Each completion's tokens (EOS included) and whether it ended by EOS: (N,) lists."""
+    terminated = (rollout.completion_ids == eos_id).any(1)                     # (N,)
+    return rollout.completion_mask.sum(1).tolist(), terminated.tolist()
+
+
+def completion_examples(examples, lengths, terminated, group_size):
     """The example each completion answers, with its token count (EOS not counted) for rewards
     that need it (`length`): G dicts per prompt, sharing the prompt's values."""
-    eos_seen = (rollout.completion_ids == eos_id).any(1)                       # (N,)
-    counts = (rollout.completion_mask.sum(1) - eos_seen.long()).tolist()       # (N,)
-    return [{**examples[i // group_size], "completion_tokens": n} for i, n in enumerate(counts)]
+    return [{**examples[i // group_size], "completion_tokens": n - ended}
+            for i, (n, ended) in enumerate(zip(lengths, terminated))]
 
 
-def rollout_metrics(rollout, texts, group_examples, total, parts, errors, eos_id, group_size):
+def rollout_metrics(scored, group_size):
     """The reference library's metric names for what was generated and how it scored; for
     grounding, the boxes per answer against the gold count (the hack VLM-R1 saw: many boxes)."""
-    rewards_t = torch.tensor(total)                                            # (N,)
+    rewards_t = torch.tensor(scored.total)                                     # (N,)
     group_std = rewards_t.view(-1, group_size).std(1)                          # (B,)
-    lengths = rollout.completion_mask.sum(1).float()                           # (N,)
-    eos_seen = (rollout.completion_ids == eos_id).any(1)                       # (N,)
+    lengths = torch.tensor(scored.lengths, dtype=torch.float)                  # (N,)
+    eos_seen = torch.tensor(scored.terminated)                                 # (N,)
     metrics = {"reward": rewards_t.mean().item(), "reward_std": group_std.mean().item(),
                "frac_reward_zero_std": (group_std < 1e-6).float().mean().item()}
-    for name, values in parts.items():
+    for name, values in scored.parts.items():
         v = torch.tensor(values)
         metrics[f"rewards/{name}/mean"] = v.mean().item()
         metrics[f"rewards/{name}/std"] = v.std().item()
-        metrics[f"rewards/{name}/errors"] = errors[name]
+        metrics[f"rewards/{name}/errors"] = scored.errors[name]
     terminated = lengths[eos_seen] if eos_seen.any() else torch.zeros(1)  # as TRL: 0 if none
-    reflections = [rewards.reflection_keys(t) for t in texts]
+    reflections = [rewards.reflection_keys(t) for t in scored.texts]
     metrics.update({"completions/mean_length": lengths.mean().item(),
                     "completions/max_length": lengths.max().item(),
                     "completions/min_length": lengths.min().item(),
@@ -319,10 +441,11 @@ def rollout_metrics(rollout, texts, group_examples, total, parts, errors, eos_id
                     "completions/reflection_ratio": float(np.mean([bool(r) for r in reflections]))})
     for key in rewards.REFLECTION_KEYS:  # which phrases make the curve (VisualThinker issue 12)
         metrics[f"completions/reflection/{key}"] = float(np.mean([key in r for r in reflections]))
-    if group_examples[0]["task_type"] != "choice":
-        metrics["boxes/per_answer"] = float(np.mean([rewards.count_boxes(t) for t in texts]))
+    if scored.examples[0]["task_type"] != "choice":
+        metrics["boxes/per_answer"] = float(np.mean([rewards.count_boxes(t)
+                                                     for t in scored.texts]))
         metrics["boxes/gold"] = float(np.mean([len(ex["boxes"]) if "boxes" in ex else 1
-                                               for ex in group_examples]))  # rec: one box
+                                               for ex in scored.examples]))  # rec: one box
     return metrics
 
 
@@ -332,7 +455,7 @@ def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only
     return state
 
 
@@ -341,20 +464,22 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(output_dir, step, model, optimizer, scheduler, sampler, counters, cfg):
-    """checkpoint-<step>/: the LoRA adapter (loadable with peft), optimizer, scheduler, RNG and
-    data state, config. Written into a temporary folder and renamed when complete: a crash
-    mid-write leaves no complete-looking checkpoint."""
+def save_checkpoint(output_dir, step, model, optimizer, scheduler, sampler, counters, cfg,
+                    rng_states=None):
+    """checkpoint-<step>/: the LoRA adapter (loadable with peft), optimizer, scheduler, data
+    state, the RNG states of every process (`rng_states`, default this one's), config. Written
+    into a temporary folder and renamed when complete: a crash mid-write leaves no
+    complete-looking checkpoint."""
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = Path(output_dir) / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), "sampler": sampler.state_dict(), "step": step,
-                "counters": counters}, tmp / "trainer_state.pt")
+                "rng": rng_states or [rng_state()], "sampler": sampler.state_dict(),
+                "step": step, "counters": counters}, tmp / "trainer_state.pt")
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -406,14 +531,24 @@ def find_checkpoint(out, resume):
     raise UserError(f"--resume: no complete checkpoint in {out} (start afresh with --overwrite)")
 
 
-def restore(path, state, model, optimizer, scheduler, sampler):
-    """Load a checkpoint's adapter and trainer state; returns its step."""
+def restore(path, state, model, optimizer, scheduler, sampler, rank=0, world=1, seed=0):
+    """Load a checkpoint's adapter and trainer state, and process `rank`'s RNG state: a resume
+    with as many processes as the run had continues it exactly. Returns its step."""
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"])
-    tqdm.write(f"resumed from {path} at step {state['step']}")
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one
+    if len(rng) == world:
+        set_rng_state(rng[rank])
+    else:  # the weights, optimizer, schedule and prompt order still continue exactly
+        torch.manual_seed(seed + 1_000 * (rank + 1) + state["step"])  # new, per process
+        if rank == 0:
+            tqdm.write(f"note: {path} was written by {len(rng)} process(es), this run has "
+                       f"{world}: the sampling continues with new random numbers; launch "
+                       f"{len(rng)} process(es) to continue the run exactly")
+    if rank == 0:
+        tqdm.write(f"resumed from {path} at step {state['step']}")
     return state["step"]
 
 
@@ -431,8 +566,9 @@ def check_resumable(saved, cfg, path):
         tqdm.write(f"note: changed since the checkpoint: {', '.join(changed)}")
 
 
-def prepare_output_dir(out, cfg):
-    """Never reuse a run's folder silently: --resume continues it, --overwrite starts afresh."""
+def prepare_output_dir(out, cfg, clear=True):
+    """Never reuse a run's folder silently: --resume continues it, --overwrite starts afresh
+    (`clear`: here, the first process clears it; the others only check)."""
     held = [p.name for p in out.iterdir()
             if p.name == "metrics.jsonl" or p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))]
     if not held or cfg.resume:
@@ -443,7 +579,7 @@ def prepare_output_dir(out, cfg):
         raise UserError(f"--output_dir {out} already holds a run ({', '.join(sorted(held))}); "
                         "add --resume to continue it, --overwrite to start afresh, or choose "
                         "another --output_dir")
-    for name in held:
+    for name in held if clear else ():
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
@@ -494,18 +630,20 @@ def report_once():
     return report
 
 
-def write_logs(out, metrics, group_examples, texts, parts, cfg):
+def write_logs(out, metrics, scored, cfg):
     """One line to metrics.jsonl and the terminal; every --log_samples_steps, samples."""
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(metrics) + "\n")
     step = metrics["step"]
-    if cfg.log_samples_steps and (step % cfg.log_samples_steps == 0 or step == 1):
+    if scored and cfg.log_samples_steps and (step % cfg.log_samples_steps == 0 or step == 1):
         with open(out / "samples.jsonl", "a") as f:
-            for i in range(min(cfg.num_samples, len(texts))):
-                f.write(json.dumps({"step": step, "question": group_examples[i]["question"],
-                                    "answer": data.gold_of(group_examples[i]),
-                                    "completion": texts[i],
-                                    "rewards": {n: parts[n][i] for n in parts}}) + "\n")
+            for i in range(min(cfg.num_samples, len(scored.texts))):
+                example = scored.examples[i]
+                f.write(json.dumps({"step": step, "question": example["question"],
+                                    "answer": data.gold_of(example),
+                                    "completion": scored.texts[i],
+                                    "rewards": {n: v[i] for n, v in scored.parts.items()}})
+                        + "\n")
     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in metrics.items()))
 
@@ -513,18 +651,22 @@ def write_logs(out, metrics, group_examples, texts, parts, cfg):
 # --- the loop -----------------------------------------------------------------------------------
 
 def train(cfg):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = start_processes(cfg)  # one process, or one of several (detail 15)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main_process = accelerator.is_main_process  # the one that writes files and prints
     if cfg.use_liger is None:  # on where its kernels run
         cfg = dataclasses.replace(cfg, use_liger=device.type == "cuda")
     # 0. Everything that can be checked before any model is loaded: flags (Config), the output
-    #    folder, every dataset row and image, the rewards, the checkpoint to resume from.
+    #    folder, every dataset row and image, the rewards, the checkpoint to resume from, the
+    #    tracker.
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = data.writable_dir(cfg.output_dir, "--output_dir")
-    prepare_output_dir(out, cfg)
+    prepare_output_dir(out, cfg, clear=main_process)
+    accelerator.wait_for_everyone()
     pixels = data.View(cfg.min_pixels, cfg.max_pixels)  # the model's prompt and frame come later
     dataset = load_dataset(cfg, cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
                            "--dataset", pixels)
-    prompt_rows = data.check_rows(dataset)
+    prompt_rows = data.check_rows(dataset, progress=main_process)
     reward_funcs, weights = given or rewards.load_rewards(TASK_REWARDS[dataset.task_type],
                                                           cfg.reward_weights)
     held_out = held_out_examples(cfg, pixels, dataset.task_type) if cfg.eval_steps else None
@@ -532,7 +674,8 @@ def train(cfg):
     checkpoint = find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
         check_resumable(checkpoint[2], cfg, checkpoint[0])
-    random.seed(cfg.seed)
+    start_tracker(accelerator, cfg, out, checkpoint[1]["step"] if checkpoint else 0)
+    random.seed(cfg.seed)  # the same on every process: the same fresh adapter
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -540,8 +683,9 @@ def train(cfg):
     #    of its boxes), a fresh LoRA adapter.
     model_name = cfg.model
     if cfg.model == demo.MODEL:
-        model_name = demo.build_demo_model(out / "demo-base", cfg.seed, cfg.synthetic_tasks,
-                                           cfg.synthetic_image_size)
+        with accelerator.main_process_first():  # built once, then found by the others
+            model_name = demo.build_demo_model(out / "demo-base", cfg.seed, cfg.synthetic_tasks,
+                                               cfg.synthetic_image_size)
     view = policy.model_view(model_name, cfg.prompt_format, cfg.min_pixels, cfg.max_pixels)
     dataset.shown_as(view)
     held_out = held_out and evaluation.eval_items(held_out.shown_as(view), "held-out",
@@ -550,7 +694,10 @@ def train(cfg):
     check_prompt_lengths(processor, prompt_rows, dataset.name, view.template,
                          cfg.max_prompt_length)
     model, processor = load_model(cfg, device, model_name)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    start_equal(params)
+    if main_process:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     tokens = policy.special_tokens(processor)
     gen_config = policy.generation_config(
         processor, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
@@ -559,20 +706,23 @@ def train(cfg):
     max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * steps_per_epoch))
     total_updates = max_steps * cfg.num_iterations
     warmup = int(cfg.warmup_ratio * total_updates)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda index: lr_factor(index, warmup, total_updates, cfg.lr_scheduler))
 
     start_step, saved = 0, None
     counters = {"nonfinite_steps": 0, "consecutive_nonfinite": 0, "skipped_rows": 0,
                 "num_tokens": 0}  # num_tokens: prompt and completion tokens seen, as TRL
+    if world > 1:  # each process samples its own completions
+        torch.manual_seed(cfg.seed + 1_000 * rank)
     if checkpoint:
         saved, state, _ = checkpoint
-        start_step = restore(saved, state, model, optimizer, scheduler, sampler)
+        start_step = restore(saved, state, model, optimizer, scheduler, sampler, rank, world,
+                             cfg.seed)
         counters.update(state["counters"])
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        truncate_jsonl(out / name, start_step)
+    if main_process:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(out / name, start_step)
 
     report = report_once()
 
@@ -581,51 +731,64 @@ def train(cfg):
         report(f"reward {name}", f"reward {name!r} raised; it scores 0.0 and is counted in "
                                  f"rewards/{name}/errors:\n{summary}\n")
 
-    started, metrics, step = time.time(), {}, start_step
-    with stop_on_sigint() as stop:
+    started, metrics, step, stopping = time.time(), {}, start_step, False
+    with stop_on_sigint() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(accelerator.end_training)  # flushes the tracker, on errors too; last
         bar = tqdm(range(start_step + 1, max_steps + 1), initial=start_step, total=max_steps,
-                   desc=cfg.objective.upper(), dynamic_ncols=True)
+                   desc=cfg.objective.upper(), dynamic_ncols=True, disable=not main_process)
         for step in bar:
             t0 = time.time()
-            # 2. sample B prompts
-            examples = next_examples(dataset, sampler.next_batch(), counters, report)
+            # 2. sample B prompts; this process takes its share (detail 15)
+            examples, skipped = next_examples(dataset, share(sampler.next_batch(), rank, world),
+                                              report)
             if cfg.objective == "sft":  # the paper's baseline: the gold answers, supervised
                 rollout = policy.answer_rollout(
                     processor, examples, [data.answer_completion(ex) for ex in examples], device)
-                texts, group_examples, parts = [], examples, {}
+                scored = None
             else:
                 # 3. generate G completions per prompt, one batched call
                 rollout, texts = policy.generate(model, processor, examples, gen_config,
                                                  cfg.num_generations, cfg.max_prompt_length)
-                # 4. score them; advantages within each group
-                group_examples = completion_examples(examples, rollout, tokens.eos,
+                # 4. score them; advantages within each group, from the whole batch's rewards
+                lengths, terminated = completion_lengths(rollout, tokens.eos)
+                group_examples = completion_examples(examples, lengths, terminated,
                                                      cfg.num_generations)
                 total, parts, errors = rewards.score_completions(
                     texts, group_examples, reward_funcs, weights, on_error=on_reward_error)
-                rollout.advantages = grpo.group_advantages(
-                    torch.tensor(total, device=device), cfg.num_generations, cfg.scale_rewards)
+                scored = Scored(texts, group_examples, total, parts, errors, lengths,
+                                terminated).gathered()
+                advantages = grpo.group_advantages(torch.tensor(scored.total, device=device),
+                                                   cfg.num_generations, cfg.scale_rewards)
+                rollout.advantages = share(advantages, rank, world)                    # (N,)
                 add_old_and_ref_logps(model, rollout, cfg)
-            counters["num_tokens"] += int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
             # 5. update on micro-batches
             learning_rate = scheduler.get_last_lr()[0]
             stats = update(model, optimizer, scheduler, rollout, cfg)
-            skipped = stats.pop("nonfinite")
-            counters["nonfinite_steps"] += skipped
+            skipped_updates = stats.pop("nonfinite")
+            seen = rollout.prompt_mask.sum() + rollout.completion_mask.sum()
+            counts = sum_over_processes([torch.tensor(int(x), device=device) for x in (
+                seen, skipped, stop["requested"])])  # the whole batch's; any process's Ctrl-C
+            counters["num_tokens"] += int(counts[0])
+            counters["skipped_rows"] += int(counts[1])
+            stopping = bool(counts[2])
+            counters["nonfinite_steps"] += skipped_updates
             counters["consecutive_nonfinite"] = (counters["consecutive_nonfinite"] + 1
-                                                 if skipped else 0)
+                                                 if skipped_updates else 0)
             # 6. log, evaluate, checkpoint
             metrics = {"step": step, "epoch": round(step / max(1, steps_per_epoch), 4),
-                       **(rollout_metrics(rollout, texts, group_examples, total, parts, errors,
-                                          tokens.eos, cfg.num_generations) if texts else {}),
+                       **(rollout_metrics(scored, cfg.num_generations) if scored else {}),
                        **stats, "num_tokens": counters["num_tokens"],
                        "nonfinite_steps": counters["nonfinite_steps"],
                        "skipped_rows": counters["skipped_rows"], "learning_rate": learning_rate,
                        "step_time": time.time() - t0}
             if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == max_steps):
                 name = "eval/mAP" if dataset.task_type == "ovd" else "eval/accuracy"
-                metrics[name] = evaluation.score_on(
-                    model, processor, held_out, cfg.micro_batch_size, cfg.max_completion_length)
-            write_logs(out, metrics, group_examples, texts, parts, cfg)
+                mine = [held_out[i] for i in share(range(len(held_out)), rank, world)]
+                metrics[name] = evaluation.score(gather_object(list(evaluation.predict(
+                    model, processor, mine, cfg.micro_batch_size, cfg.max_completion_length))))
+            if main_process:
+                write_logs(out, metrics, scored, cfg)
+                accelerator.log(metrics, step=step)
             shown = "reward" if "reward" in metrics else "loss"
             bar.set_postfix({shown: f"{metrics[shown]:.3f}",
                              "step_time": f"{metrics['step_time']:.2f}s"})
@@ -634,20 +797,25 @@ def train(cfg):
                     f"step {step}: {counters['consecutive_nonfinite']} consecutive steps had a "
                     "non-finite loss or gradient; stopping. They never reached the weights: the "
                     f"last checkpoint in {out} is good. Try a lower --learning_rate.")
-            if (cfg.save_steps and step % cfg.save_steps == 0) or step == max_steps \
-                    or stop["requested"]:
-                saved = save_checkpoint(out, step, model, optimizer, scheduler, sampler,
-                                        counters, cfg)
-                if stop["requested"]:
+            if (cfg.save_steps and step % cfg.save_steps == 0) or step == max_steps or stopping:
+                rng_states = gather_object([rng_state()])  # every process's, to resume exactly
+                saved = out / f"checkpoint-{step}"
+                if main_process:
+                    save_checkpoint(out, step, model, optimizer, scheduler, sampler, counters,
+                                    cfg, rng_states)
+                if stopping:
                     break
         bar.close()
+        accelerator.wait_for_everyone()  # the last checkpoint is complete when any process ends
     minutes = (time.time() - started) / 60
     reward = f", last reward {metrics['reward']:.3f}" if "reward" in metrics else ""
-    if stop["requested"]:
-        print(f"interrupted at step {step} after {minutes:.1f} min{reward}: saved {saved}; "
-              "continue with the same command plus --resume")
+    if stopping:
+        if main_process:
+            print(f"interrupted at step {step} after {minutes:.1f} min{reward}: saved {saved}; "
+                  "continue with the same command plus --resume")
         sys.exit(130)
-    print(f"done: {step} steps in {minutes:.1f} min{reward}; the adapter is in {saved}")
+    if main_process:
+        print(f"done: {step} steps in {minutes:.1f} min{reward}; the adapter is in {saved}")
     return out
 
 

@@ -166,14 +166,17 @@ def test_rollout_metrics_on_a_hand_computed_batch():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])            # (N, C)
     rollout = types.SimpleNamespace(completion_ids=ids, completion_mask=mask)
     texts = ["Wait, let me re-check.", "fine", "On second thought, wait", "no"]
+    lengths, terminated = train.completion_lengths(rollout, eos)
+    assert (lengths, terminated) == ([2, 3, 1, 3], [True, False, True, True])
     examples = train.completion_examples([{"task_type": "choice", "q": 1},
-                                          {"task_type": "choice", "q": 2}], rollout, eos, 2)
+                                          {"task_type": "choice", "q": 2}], lengths, terminated, 2)
     assert [ex["completion_tokens"] for ex in examples] == [1, 3, 0, 2]  # EOS not counted
     assert [ex["q"] for ex in examples] == [1, 1, 2, 2]
     assert [rewards.length_reward(t, ex) for t, ex in zip(texts, examples)] == \
         [0.001, 0.003, 0.0, 0.002]
-    m = train.rollout_metrics(rollout, texts, examples, [1.0, 0.0, 1.0, 1.0],
-                              {"accuracy": [1.0, 0.0, 1.0, 1.0]}, {"accuracy": 0}, eos, 2)
+    scored = train.Scored(texts, examples, [1.0, 0.0, 1.0, 1.0],
+                          {"accuracy": [1.0, 0.0, 1.0, 1.0]}, {"accuracy": 0}, lengths, terminated)
+    m = train.rollout_metrics(scored, 2)
     assert (m["completions/mean_length"], m["completions/clipped_ratio"]) == (2.25, 0.25)
     assert (m["completions/mean_terminated_length"], m["completions/min_terminated_length"],
             m["completions/max_terminated_length"]) == (2.0, 1.0, 3.0)  # lengths 2, 1, 3
@@ -182,8 +185,9 @@ def test_rollout_metrics_on_a_hand_computed_batch():
     assert m["completions/reflection/recheck"] == m["completions/reflection/second_thought"] == 0.25
     assert m["completions/reflection/mistake"] == 0.0
     assert {f"completions/reflection/{k}" for k in rewards.REFLECTION_KEYS} <= set(m)
-    rollout.completion_ids = torch.ones_like(ids)  # none ended: 0, as the reference library
-    m = train.rollout_metrics(rollout, texts, examples, [0.0] * 4, {}, {}, eos, 2)
+    assert scored.gathered() == scored  # one process: the whole batch is its share
+    none_ended = train.Scored(texts, examples, [0.0] * 4, {}, {}, lengths, [False] * 4)
+    m = train.rollout_metrics(none_ended, 2)  # none ended: 0, as the reference library
     assert m["completions/mean_terminated_length"] == m["completions/max_terminated_length"] == 0
 
 
