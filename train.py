@@ -600,17 +600,19 @@ def truncate_jsonl(path, last_step):
 
 
 @contextlib.contextmanager
-def stop_on_sigint():
+def stop_on_sigint(main_process=True):
     """While inside, the first Ctrl-C only sets a flag: the loop finishes its step, saves and
-    exits; a second one stops at once."""
-    stop = {"requested": False}
+    exits; a second one, a second or more later, stops at once. (Under a launcher each process
+    gets Ctrl-C twice at once: from the terminal, and forwarded by the launcher.)"""
+    stop = {"requested": False, "at": 0.0}
 
     def handle(*_):
-        if stop["requested"]:
+        if stop["requested"] and time.time() - stop["at"] >= 1.0:
             raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
-                   "(Ctrl-C again to stop at once, unsaved)")
+        if not stop["requested"] and main_process:
+            tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
+                       "(Ctrl-C again to stop at once, unsaved)")
+        stop["requested"], stop["at"] = True, stop["at"] or time.time()
 
     previous = signal.signal(signal.SIGINT, handle)
     try:
@@ -732,7 +734,7 @@ def train(cfg):
                                  f"rewards/{name}/errors:\n{summary}\n")
 
     started, metrics, step, stopping = time.time(), {}, start_step, False
-    with stop_on_sigint() as stop, contextlib.ExitStack() as cleanup:
+    with stop_on_sigint(main_process) as stop, contextlib.ExitStack() as cleanup:
         cleanup.callback(accelerator.end_training)  # flushes the tracker, on errors too; last
         bar = tqdm(range(start_step + 1, max_steps + 1), initial=start_step, total=max_steps,
                    desc=cfg.objective.upper(), dynamic_ncols=True, disable=not main_process)

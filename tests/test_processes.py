@@ -163,6 +163,27 @@ def test_a_killed_two_process_run_resumes_to_the_same_metrics(two_process_demo, 
 
 
 @pytest.mark.slow
+def test_ctrl_c_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(tmp_path):
+    p = subprocess.Popen(torchrun(ROOT / "train.py", "--demo", "--output_dir", tmp_path,
+                                  "--max_steps", 100), cwd=ROOT, start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 600
+    while not ((tmp_path / "metrics.jsonl").is_file()
+               and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
+    os.kill(int(workers.stdout.split()[-1]), signal.SIGINT)  # the second process only
+    output = p.communicate(timeout=300)[0]
+    assert output.count("interrupted at step") == 1
+    (checkpoint,) = train.list_checkpoints(tmp_path)
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert [r["step"] for r in metrics(tmp_path)] == list(range(1, stopped_at + 1))
+    assert stopped_at < 100
+
+
+@pytest.mark.slow
 def test_a_batch_that_does_not_split_over_the_processes_is_a_one_line_error(tmp_path):
     result = run(torchrun(ROOT / "train.py", "--demo", "--output_dir", tmp_path,
                           "--prompts_per_step", 3))
