@@ -215,7 +215,7 @@ def sum_gradients(params):
         for p in params:
             if p.grad is None:  # the same collectives on every process
                 p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
+        sum_over_processes([p.grad for p in params])
 
 
 def start_equal(params):
@@ -394,12 +394,13 @@ class Scored:
         mine = dataclasses.replace(self, examples=[{k: v for k, v in ex.items() if k != "image"}
                                                    for ex in self.examples])
         shares = gather_object([mine])
-        return Scored(*(sum((getattr(s, f) for s in shares), []) for f in
-                        ("texts", "examples", "total")),
-                      {n: sum((s.parts[n] for s in shares), []) for n in self.parts},
-                      {n: sum(s.errors[n] for s in shares) for n in self.errors},
-                      *(sum((getattr(s, f) for s in shares), []) for f in
-                        ("lengths", "terminated")))
+
+        def joined(values):  # one list from each process's list
+            return [x for share_values in values for x in share_values]
+        lists = {f: joined(getattr(s, f) for s in shares)
+                 for f in ("texts", "examples", "total", "lengths", "terminated")}
+        return Scored(**lists, parts={n: joined(s.parts[n] for s in shares) for n in self.parts},
+                      errors={n: sum(s.errors[n] for s in shares) for n in self.errors})
 
 
 def completion_lengths(rollout, eos_id):
@@ -607,12 +608,14 @@ def stop_on_sigint(main_process=True):
     stop = {"requested": False, "at": 0.0}
 
     def handle(*_):
-        if stop["requested"] and time.time() - stop["at"] >= 1.0:
-            raise KeyboardInterrupt
-        if not stop["requested"] and main_process:
+        if stop["requested"]:
+            if time.time() - stop["at"] >= 1.0:
+                raise KeyboardInterrupt
+            return
+        stop.update(requested=True, at=time.time())
+        if main_process:
             tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
                        "(Ctrl-C again to stop at once, unsaved)")
-        stop["requested"], stop["at"] = True, stop["at"] or time.time()
 
     previous = signal.signal(signal.SIGINT, handle)
     try:
@@ -801,10 +804,9 @@ def train(cfg):
                     f"last checkpoint in {out} is good. Try a lower --learning_rate.")
             if (cfg.save_steps and step % cfg.save_steps == 0) or step == max_steps or stopping:
                 rng_states = gather_object([rng_state()])  # every process's, to resume exactly
-                saved = out / f"checkpoint-{step}"
                 if main_process:
-                    save_checkpoint(out, step, model, optimizer, scheduler, sampler, counters,
-                                    cfg, rng_states)
+                    saved = save_checkpoint(out, step, model, optimizer, scheduler, sampler,
+                                            counters, cfg, rng_states)
                 if stopping:
                     break
         bar.close()

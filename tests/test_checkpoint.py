@@ -58,7 +58,7 @@ def metrics(out):
 def wait_for(predicate, process, timeout=300):
     deadline = time.time() + timeout
     while not predicate():
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert process.poll() is None, "".join(filter(None, process.communicate()))[-3000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
 

@@ -7,13 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from test_checkpoint import metrics, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("reward", "reward_std", "loss", "kl", "grad_norm", "entropy", "num_tokens",
@@ -38,10 +38,6 @@ def run(command, timeout=900):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(list(map(str, command)), capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=timeout)
-
-
-def metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def tensorboard_scalars(folder, tag):
@@ -138,11 +134,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_metrics(two_process_demo, 
     p = subprocess.Popen(torchrun(ROOT / "train.py", *args), cwd=ROOT, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 600
-    while not (out / "checkpoint-4").is_dir():
-        assert p.poll() is None, p.communicate()[1][-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
+    wait_for(lambda: (out / "checkpoint-4").is_dir(), p, timeout=600)
     os.killpg(p.pid, signal.SIGKILL)  # the launcher and both processes, mid-run
     p.wait()
     resumed = run(accelerate_launch(ROOT / "train.py", *args, "--resume"))
@@ -168,11 +160,8 @@ def test_ctrl_c_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(
                                   "--max_steps", 100), cwd=ROOT, start_new_session=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 600
-    while not ((tmp_path / "metrics.jsonl").is_file()
-               and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2):
-        assert p.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: (tmp_path / "metrics.jsonl").is_file()
+             and (tmp_path / "metrics.jsonl").read_text().count("\n") >= 2, p, timeout=600)
     workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
     os.kill(int(workers.stdout.split()[-1]), signal.SIGINT)  # the second process only
     output = p.communicate(timeout=300)[0]
