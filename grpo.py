@@ -10,7 +10,6 @@ dropping the std and the constant normaliser.
 """
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
@@ -131,53 +130,16 @@ def policy_loss(logp, old_logp, ref_logp, advantages, completion_mask, beta=0.0,
     return loss, stats
 
 
-def completion_mask(completion_ids, eos_id):
+def completion_mask(completion_ids, eos_ids):
     """1 up to and including the first EOS of each row, 0 after it; all 1 if a row has no EOS.
+    `eos_ids`: the id, or every id that ends a completion (an Instruct checkpoint has two).
 
     Built from positions, never by comparing tokens with the pad id (detail 7): with pad == EOS
     (Qwen) a mask from `ids != pad` would drop the EOS itself, and the model would never be
     taught to stop.                                                                     (N, C)
     """
-    is_eos = completion_ids == eos_id                                          # (N, C)
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_ids, device=completion_ids.device))
     C = completion_ids.shape[1]
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), C)          # (N,)
     positions = torch.arange(C, device=completion_ids.device)                  # (C,)
     return (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()   # (N, C) (detail 7)
-
-
-def _token_logps(hidden, weight, ids, temperature, with_stats):
-    logits = (hidden @ weight.T).float() / temperature                # (n, V) (detail 8)
-    logps = logits.log_softmax(-1)                                      # (n, V)
-    logp = torch.gather(logps, 1, ids.unsqueeze(1)).squeeze(1)          # (n,)
-    if not with_stats:
-        return logp
-    entropy = -(logps.exp() * logps).sum(-1).detach()                   # (n,) metrics only
-    return logp, entropy, (logps.argmax(-1) == ids).float()             # (n,) each
-
-
-def completion_logps(hidden, weight, completion_ids, temperature=1.0, chunk_size=1024,
-                     with_stats=False):
-    """log pi(c_t | prompt, c_<t) at the sampling temperature, for every completion token. (N, C)
-
-    `hidden` (N, C, H) are the final hidden states at the positions that PREDICT the completion
-    tokens (the last prompt position up to the second-last completion position), `weight` (V, H)
-    the output projection. Logits are divided by the sampling temperature, as when the tokens
-    were sampled (detail 8). The vocabulary projection runs on `chunk_size` tokens at a time under
-    activation checkpointing (detail 9), so at most a (chunk_size, V) logits block exists at
-    once, in the forward AND the backward pass, instead of an (N, C, V) tensor kept for backward.
-    `with_stats`: also, from the same chunks (no second projection) and without gradient, the
-    entropy of each token's distribution, -sum_v p_v log p_v, and whether the token is its most
-    likely one (token accuracy): (logp, entropy, top1), each (N, C).
-    """
-    N, C, H = hidden.shape
-    flat_hidden, flat_ids = hidden.reshape(N * C, H), completion_ids.reshape(N * C)  # (N*C, H)
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    chunks = []
-    for start in range(0, N * C, chunk_size):
-        args = (flat_hidden[start:start + chunk_size], weight,
-                flat_ids[start:start + chunk_size], temperature, with_stats)
-        chunks.append(checkpoint(_token_logps, *args, use_reentrant=False) if needs_grad
-                      else _token_logps(*args))                                # (detail 9)
-    if not with_stats:
-        return torch.cat(chunks).view(N, C)                                    # (N, C)
-    return tuple(torch.cat(parts).view(N, C) for parts in zip(*chunks))       # (N, C) each

@@ -9,7 +9,6 @@ or min-max across runs), at each step over the runs that logged it, so runs of d
 mix. The table: each run's final and peak values, raw, and their mean ± std across runs.
 """
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -22,8 +21,8 @@ from matplotlib.figure import Figure  # no pyplot: no screen and no global figur
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-import cli
-from cli import UserError, flag
+from r1v import cli, runs
+from r1v.cli import UserError, flag
 
 PANELS = {  # metric: (title, y label), in the order drawn
     "rewards/accuracy/mean": ("Accuracy reward", "mean over completions"),
@@ -33,7 +32,7 @@ PANELS = {  # metric: (title, y label), in the order drawn
     "kl": ("KL to the reference", "k3 KL per token"),
     "eval/accuracy": ("Held-out accuracy", "greedy, strict"),
 }
-PHRASES = "completions/reflection/"  # + each key of rewards.REFLECTION_KEYS, in one panel
+PHRASES = "completions/reflection/"  # + each key of metrics.REFLECTION_KEYS, in one panel
 PHRASES_PANEL = ("Reflection by phrase", "fraction of completions")
 RUN_COLORS, PHRASE_COLORS = colormaps["tab10"], colormaps["Dark2"]
 
@@ -60,20 +59,12 @@ def read_metrics(run):
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run}: no metrics.jsonl here; give the --output_dir of a run")
-    try:
-        lines, rows = path.read_text().splitlines(), {}
-    except (OSError, UnicodeDecodeError) as e:  # unreadable, or not text
-        raise UserError(f"{path}: {e}") from e
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            if number == len(lines):  # the run was killed mid-write: its other lines are good
-                print(f"warning: {path}:{number}: skipping a torn last line", file=sys.stderr)
-                break
-            raise UserError(f"{path}:{number}: not JSON ({e})") from e
+    with cli.user_error(str(path), OSError, UnicodeDecodeError):  # unreadable, or not text
+        lines, torn = runs.read_log(path)
+    if torn:  # the run was killed mid-write: its other lines are good
+        print(f"warning: {path}:{torn}: skipping a torn last line", file=sys.stderr)
+    rows = {}
+    for number, row in lines:
         if not isinstance(row, dict) or type(row.get("step")) is not int:
             raise UserError(f"{path}:{number}: no integer \"step\"")
         rows[row["step"]] = row

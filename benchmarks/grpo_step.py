@@ -11,7 +11,7 @@ mu 1, LoRA r 64 / alpha 128 on the language model, the r1 prompt, random rewards
 runs in its own process, so that its peak memory is its own, and a warm-up step is not counted.
 
 Variants: `lora`, `lora+liger`, `qlora+liger` call the trainer's own step functions
-(policy.generate, train.add_old_and_ref_logps, train.update); `trl-lora` runs the reference
+(train.load_model, train.generate, train.add_old_and_ref_logps, train.update); `trl-lora` runs the reference
 library's GRPOTrainer (TRL 1.16) on the same model folder, images, prompts and settings, with
 plain transformers generation (no vLLM), as a single-GPU user runs it.
 
@@ -62,8 +62,9 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import demo  # noqa: E402
 import grpo  # noqa: E402
-import policy  # noqa: E402
 import train  # noqa: E402
+from r1v import model as models  # noqa: E402
+from r1v import policy, processes, rows, synthetic, tiny  # noqa: E402
 
 # Config overrides per variant; trl-lora uses the plain LoRA settings for what it shares with
 # ours (LoRA shape, learning rate) and is driven by run_trl.
@@ -82,20 +83,20 @@ def build_random_qwen2vl_2b(folder):
     """The Qwen2-VL-2B architecture (REFERENCE section 4), random weights, offline processor."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    tok = demo.build_tokenizer(demo.synthetic_vocabulary())
-    config = demo.qwen2vl_config(tok, 1536, 8960, 28, 12, 2, [16, 24, 24],
+    tok = tiny.build_tokenizer(demo.synthetic_vocabulary())
+    config = tiny.qwen2vl_config(tok, 1536, 8960, 28, 12, 2, [16, 24, 24],
                                  dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16,
                                       mlp_ratio=4), rope_theta=1e6, vocab_size=151936)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(folder)
-    demo.save_processor(folder, tok, max_pixels=data.MAX_PIXELS)
+    tiny.save_processor(folder, tok, max_pixels=rows.MAX_PIXELS)
     return folder
 
 
 def bench_examples(args):
     """B SAT-sized rows (synthetic counting images), the r1 prompt, as every variant sees them."""
-    images = [demo.synthetic_row(random.Random(i), "count", args.image_side)[0]
+    images = [synthetic.synthetic_row(random.Random(i), "count", args.image_side)[0]
               for i in range(args.prompts)]
     fields = dict(question="How many shapes are there?", choices=["1", "2", "3"], answer="2")
     return [data.make_example(image.resize((args.image_side * 2, args.image_side)), fields,
@@ -114,7 +115,7 @@ class VisionCounter:
 
     def __init__(self, model):
         self.calls = self.images = 0
-        visual = policy.base_of(model).model.visual
+        visual = models.base_of(model).model.visual
         visual.register_forward_pre_hook(self.count, with_kwargs=True)
 
     def count(self, module, args, kwargs):
@@ -173,7 +174,7 @@ def copy_bandwidth(device):
 def decode_read_bytes(model, sequences, context):
     """Bytes one decode step of `sequences` reads at `context` tokens of KV cache: the weights as
     stored (the adapter's too: peft runs it unmerged), except the vision tower's."""
-    base = policy.base_of(model)
+    base = models.base_of(model)
     tower = {id(t) for t in itertools.chain(base.model.visual.parameters(),
                                             base.model.visual.buffers())}
     tensors = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}  # tied once
@@ -236,11 +237,11 @@ def run_ours(args, device, examples, settings):
                        max_completion_length=args.completion_tokens, beta=0.04,
                        learning_rate=1e-5, **VARIANTS[args.variant])
     cuda = device.type == "cuda"
-    model, processor = policy.load_base_model(cfg.model, device, cfg.load_in_4bit)
-    weights = torch.cuda.memory_allocated() if cuda else 0
-    if cfg.use_liger and cuda:  # as train.load_model: Triton kernels need CUDA
-        policy.apply_liger_kernels(model)
-    model = policy.add_lora(model, cfg.lora_r, cfg.lora_alpha)
+    model, processor = train.load_model(cfg, device), models.load_processor(cfg.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = (torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in params)
+               if cuda else 0)  # what is allocated but the adapter
+    procs, eos_ids = processes.Processes(None), [models.special_tokens(processor).eos]
     gen_config = policy.generation_config(processor, max_new_tokens=cfg.max_completion_length,
                                           temperature=cfg.temperature, top_k=cfg.top_k,
                                           static_cache=cfg.static_cache)
@@ -254,12 +255,12 @@ def run_ours(args, device, examples, settings):
     records, memory = [], None
     for step in range(args.steps + 1):  # step 0 warms up (kernels, allocator), not counted
         meter.begin("generation")
-        rollout, texts = policy.generate(model, processor, examples, gen_config, args.G)
+        rollout, texts = train.generate(model, processor, examples, gen_config, cfg, eos_ids)
         meter.switch("logp")
         rollout.advantages = grpo.group_advantages(torch.randn(len(texts), device=device), args.G)
         train.add_old_and_ref_logps(model, rollout, cfg)
         meter.switch("update")
-        train.update(model, optimizer, scheduler, rollout, cfg)
+        train.update(model, optimizer, scheduler, rollout, cfg, procs)
         record = dict(phases=meter.end(), tokens=int(rollout.completion_mask.sum()),
                       sequences=len(rollout), prompt_length=rollout.prompt_ids.shape[1],
                       new_tokens=rollout.completion_ids.shape[1])
@@ -292,10 +293,10 @@ def run_trl(args, device, examples, settings):
 
     cfg = train.Config(model=args.model, **VARIANTS[args.variant])
     cuda = device.type == "cuda"
-    processor = policy.load_processor(args.model)
+    processor = models.load_processor(args.model)
     processor.chat_template = R1_CHAT_TEMPLATE
     processor.tokenizer.padding_side = "left"  # TRL needs it; its own loading sets it too
-    tokens = policy.special_tokens(processor)
+    tokens = models.special_tokens(processor)
     rows = [{"prompt": [{"role": "user", "content": ex["prompt"][len(data.VISION_TOKENS):]}],
              "image": ex["image"]} for ex in examples]
     N = args.prompts * args.G
@@ -306,7 +307,7 @@ def run_trl(args, device, examples, settings):
     settings = {**settings, "trl": trl.__version__, "per_device_train_batch_size": micro,
                 "gradient_accumulation_steps": N // micro}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=policy.LM_LORA_TARGETS)
+                      target_modules=models.LM_LORA_TARGETS)
     workdir = tempfile.TemporaryDirectory()  # TRL wants an output_dir; nothing is saved there
     config = trl.GRPOConfig(
         output_dir=workdir.name, report_to="none", save_strategy="no", logging_strategy="no",
@@ -324,7 +325,7 @@ def run_trl(args, device, examples, settings):
         model_init_kwargs=dict(dtype=torch.bfloat16 if cuda else torch.float32))
     # Left at TRL's defaults, as its users run it: AdamW fused, bf16 autocast around the
     # forward passes (ours: bf16 weights, no autocast), log-probs through its fused LM head.
-    with policy.quiet_peft():
+    with models.quiet_peft():
         trainer = trl.GRPOTrainer(model=args.model, reward_funcs=random_reward, args=config,
                                   train_dataset=datasets.Dataset.from_list(rows),
                                   processing_class=processor, peft_config=lora)
@@ -447,7 +448,7 @@ def main():
         name = "r1v-bench-tiny" if args.tiny else "r1v-bench-qwen2vl-2b"
         folder = Path(tempfile.gettempdir()) / name
         if args.tiny:
-            args.model = str(demo.build_tiny_model(folder, demo.synthetic_vocabulary()))
+            args.model = str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary()))
         elif not (folder / "config.json").is_file():
             args.model = str(build_random_qwen2vl_2b(folder))
         else:

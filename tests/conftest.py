@@ -7,13 +7,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import demo  # noqa: E402
+from r1v import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Qwen2-VL with an offline word-level tokenizer, saved as a model folder."""
     folder = tmp_path_factory.mktemp("tiny-qwen2vl")
-    return str(demo.build_tiny_model(folder, demo.synthetic_vocabulary()))
+    return str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary()))
 
 
 def pytest_configure(config):
@@ -39,5 +40,5 @@ def tiny_qwen25_dir(tmp_path_factory):
     """A tiny random Qwen2.5-VL (Instruct: a chat template; answers boxes in pixels) whose
     vocabulary covers the grounding prompts, JSON and numbers."""
     folder = tmp_path_factory.mktemp("tiny-qwen25vl")
-    return str(demo.build_tiny_model(folder, demo.synthetic_vocabulary(grounding=True),
+    return str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary(grounding_tasks=True),
                                      family="qwen2_5_vl"))

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import grpo
 import train
-from cli import UserError
+from r1v import runs
+from r1v.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = (
@@ -94,7 +96,7 @@ def test_interrupted_checkpoint_writes_are_ignored(tmp_path):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.pt").write_bytes(b"x")
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
 
 
 def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
@@ -104,13 +106,13 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
             "--lora_r", "2", "--lora_alpha", "4",
         ]
     )
-    model, _ = train.load_model(cfg, torch.device("cpu"))
+    model = train.load_model(cfg, torch.device("cpu"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
-    sampler = train.data.PromptSampler(10, 2, 0)
+    sampler = data.PromptSampler(10, 2, 0)
+    state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()}
     for step in (1, 2, 3):
-        train.save_checkpoint(tmp_path, step, model, optimizer, scheduler, sampler, {}, cfg)
-    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+        runs.save_checkpoint(tmp_path, step, model, state, {}, cfg.save_total_limit)
+    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert not list(tmp_path.glob(".tmp-*"))
     assert (tmp_path / "checkpoint-3" / "adapter_model.safetensors").is_file()
 
@@ -140,7 +142,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_fi
     assert p.wait(300) == 130  # scripts can tell an interrupted run from a finished one
     out_text = "".join(p.communicate())
     assert "stopping after this step" in out_text and "interrupted at step" in out_text
-    (checkpoint,) = train.list_checkpoints(out)
+    (checkpoint,) = runs.list_checkpoints(out)
     stopped_at = int(checkpoint.name.split("-")[1])
     assert stopped_at < 50 and [m["step"] for m in metrics(out)] == list(range(1, stopped_at + 1))
     p = start(
@@ -199,7 +201,7 @@ def test_a_run_that_keeps_diverging_stops_with_its_last_checkpoint_intact(
     )
     with pytest.raises(UserError, match="consecutive steps had a non-finite loss"):
         train.train(cfg)
-    assert [p.name for p in train.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in runs.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     from safetensors.torch import load_file
 
     good, after = load_file(out / "checkpoint-2" / "adapter_model.safetensors"), load_file(
@@ -219,7 +221,7 @@ def test_qlora_trains_on_cpu_and_its_adapter_loads_back(tmp_path, tiny_model_dir
     cfg = _tiny_train_config(
         tiny_model_dir, out, reward_file, max_steps=2, save_steps=0, load_in_4bit=True
     )
-    model, _ = train.load_model(cfg, torch.device("cpu"))
+    model = train.load_model(cfg, torch.device("cpu"))
     kinds = {type(m).__name__ for n, m in model.named_modules() if "language_model" in n}
     assert "Linear4bit" in kinds
     assert not any(

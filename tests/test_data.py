@@ -1,4 +1,5 @@
-"""data.py: prompts, images, SAT and JSONL rows, every row checked, the prompt order."""
+"""data.py and r1v/rows.py, r1v/hub.py: prompts, images, SAT and JSONL rows, every row checked,
+the prompt order."""
 
 import json
 import random
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 import data
+from r1v import rows as stored
 
 
 def test_question_text_and_prompt_are_the_papers():
@@ -27,9 +29,9 @@ def test_question_text_and_prompt_are_the_papers():
 
 
 def test_fit_image_respects_the_pixel_budget_and_the_28_pixel_grid():
-    image = data.fit_image(Image.new("RGB", (1000, 700)), 3136, 401408)
+    image = stored.fit_image(Image.new("RGB", (1000, 700)), 3136, 401408)
     assert image.width % 28 == 0 and image.height % 28 == 0 and image.width * image.height <= 401408
-    small = data.fit_image(Image.new("L", (20, 20)), 3136, 401408)
+    small = stored.fit_image(Image.new("L", (20, 20)), 3136, 401408)
     assert small.mode == "RGB" and small.width * small.height >= 3136
 
 
@@ -92,7 +94,7 @@ def sat_rows():
 
 def test_sat_from_a_local_folder_of_the_hub_schema(tmp_path):
     source = make_sat_folder(tmp_path / "sat", sat_rows())
-    ds = data.load_hub_examples(source, "train", limit=15000, seed=1)
+    ds = data.load_examples(source, "train", limit=15000, seed=1)
     assert len(ds) == 2  # the two-image row is dropped
     first, big = ds[0], ds[1]
     assert first["answer"] == "right" and sorted(first["choices"]) == ["left", "right"]
@@ -100,10 +102,10 @@ def test_sat_from_a_local_folder_of_the_hub_schema(tmp_path):
         "Answer in natural language. Is the cup left or right of the plate?"
     )
     assert big["image"].width * big["image"].height <= 401408 and big["image"].width % 28 == 0
-    again = data.load_hub_examples(source, "train", limit=15000, seed=1)
+    again = data.load_examples(source, "train", limit=15000, seed=1)
     assert [again[i]["choices"] for i in range(2)] == [ds[i]["choices"] for i in range(2)]
     assert (
-        len(data.load_hub_examples(source, "train", limit=1, seed=1)) == 1
+        len(data.load_examples(source, "train", limit=1, seed=1)) == 1
     )  # the first N rows, then single-image only
 
 
@@ -111,11 +113,11 @@ def test_sat_errors_name_the_dataset_and_row(tmp_path):
     rows = sat_rows()
     rows[0]["correct_answer"] = "up"
     source = make_sat_folder(tmp_path / "bad", rows)
-    ds = data.load_hub_examples(source, "train", limit=0)
+    ds = data.load_examples(source, "train", limit=0)
     with pytest.raises(ValueError, match=r"row 1: the answer 'up' is not among the choices"):
         ds[0]
     with pytest.raises(ValueError, match=r"row 1: the answer 'up' is not among the choices"):
-        data.check_rows(ds)
+        stored.check_rows(ds)
 
 
 def test_sat_missing_columns(tmp_path):
@@ -125,7 +127,7 @@ def test_sat_missing_columns(tmp_path):
     (root / "data").mkdir(parents=True)
     datasets.Dataset.from_dict({"question": ["q"]}).to_parquet(str(root / "data" / "train.parquet"))
     with pytest.raises(ValueError, match="lacks the SAT columns"):
-        data.load_hub_examples(str(root), "train")
+        data.load_examples(str(root), "train")
 
 
 def write_jsonl(path, rows):
@@ -170,7 +172,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path, row, message):
     good = {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
     path = write_jsonl(tmp_path / "task.jsonl", [good, row])
     with pytest.raises(ValueError, match=message):
-        data.check_rows(data.load_examples(str(path)))
+        stored.check_rows(data.load_examples(str(path)))
 
 
 def test_jsonl_unreadable_image_is_named(tmp_path):
@@ -183,7 +185,7 @@ def test_jsonl_unreadable_image_is_named(tmp_path):
     with pytest.raises(ValueError, match="task.jsonl:1"):
         ds[0]
     with pytest.raises(ValueError, match="task.jsonl:1: the image cannot be read"):
-        data.check_rows(ds)
+        stored.check_rows(ds)
 
 
 def test_missing_dataset_file_and_empty_dataset(tmp_path):

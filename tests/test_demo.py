@@ -1,5 +1,5 @@
-"""demo.py: the synthetic set, and the offline demo run exactly as a new user runs it:
-`python train.py --demo --output_dir DIR`."""
+"""r1v/synthetic.py and demo.py: the synthetic set, and the offline demo run exactly as a new user
+runs it: `python train.py --demo --output_dir DIR`."""
 
 import json
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 
 import data
 import demo
+from r1v import grounding, model, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +29,11 @@ def test_synthetic_is_deterministic_and_valid_for_every_task():
         assert x["answer"] in x["choices"] and 2 <= len(x["choices"]) <= 4
         assert x["prompt"].startswith(data.VISION_TOKENS) and x["prompt"].endswith("<think>")
     assert any(a[i]["image"].tobytes() != c[i]["image"].tobytes() for i in range(40))
-    tasks = [demo.SYNTHETIC_QUESTIONS[t].split()[0] for t in demo.CHOICE_TASKS]
+    tasks = [synthetic.SYNTHETIC_QUESTIONS[t].split()[0] for t in synthetic.CHOICE_TASKS]
     assert {a[i]["question"].split(". ")[1].split()[0] for i in range(40)} == set(tasks)
 
 
-@pytest.mark.parametrize("task", demo.CHOICE_TASKS)
+@pytest.mark.parametrize("task", synthetic.CHOICE_TASKS)
 def test_synthetic_answers_depend_on_the_image(task):
     """The same question text must have different answers on different images."""
     ds = demo.synthetic_dataset(400, seed=0, tasks=(task,), image_size=112)
@@ -45,7 +46,7 @@ def test_synthetic_answers_depend_on_the_image(task):
     assert any(len(answers) > 1 for answers in answers_by_question.values())
 
 
-@pytest.mark.parametrize("frame", data.FRAMES)
+@pytest.mark.parametrize("frame", sorted(model.BOX_FRAMES.values()))
 def test_synthetic_boxes_are_where_the_shapes_are(frame):
     """locate: the named shape's colour at its box centre; detect: every drawn shape of an asked
     kind has its box, in the model's frame, and maps back to the pixels it was drawn at."""
@@ -55,16 +56,16 @@ def test_synthetic_boxes_are_where_the_shapes_are(frame):
     assert rec.task_type == "rec" and ovd.task_type == "ovd"
     for i in range(40):
         ex = rec[i]
-        color = demo.COLORS[ex["phrase"].split()[1]]
+        color = synthetic.COLORS[ex["phrase"].split()[1]]
         assert ex["prompt"].endswith("<think>") and ex["phrase"] in ex["question"]
-        back = data.scale_box(ex["box"], ex["frame_size"], ex["original_size"])
+        back = grounding.scale_box(ex["box"], ex["frame_size"], ex["original_size"])
         assert back == pytest.approx(ex["gold_box"])
         x1, y1, x2, y2 = ex["gold_box"]
         assert ex["image"].getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == color
         ex = ovd[i]
         assert all(b["label"] in ex["labels"] for b in ex["boxes"])
         for box, gold in zip(ex["boxes"], ex["gold_boxes"]):
-            back = data.scale_box(box["bbox_2d"], ex["frame_size"], ex["original_size"])
+            back = grounding.scale_box(box["bbox_2d"], ex["frame_size"], ex["original_size"])
             assert back == pytest.approx(gold["bbox_2d"])
             x1, y1, x2, y2 = gold["bbox_2d"]
             assert ex["image"].getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) != (255, 255, 255)

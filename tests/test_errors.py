@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import cli
-import eval as evaluation
-import policy
 import train
+from r1v import cli, flags, model
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = "/does/not/exist/model"  # reaching the model would print this path
@@ -46,7 +44,7 @@ def run_train(capsys, monkeypatch, *argv):
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(policy, "load_base_model", never)
+    monkeypatch.setattr(model, "load_base_model", never)
     with pytest.raises(SystemExit) as exit_info:
         cli.run(train.main, list(argv))
     return exit_info.value.code, capsys.readouterr().err
@@ -206,7 +204,7 @@ def test_the_real_command_lines_print_one_line(tmp_path):
 
 
 def test_eval_names_its_default_folder_by_model_adapter_and_benchmark():
-    cfg = evaluation.EvalConfig(model="Qwen/Qwen2-VL-2B", adapter="runs/sat/checkpoint-30")
+    cfg = flags.EvalConfig(model="Qwen/Qwen2-VL-2B", adapter="runs/sat/checkpoint-30")
     assert cfg.output_dir == str(Path("runs/eval/Qwen2-VL-2B-sat-checkpoint-30/cvbench"))
-    assert evaluation.EvalConfig(dataset="my_task.jsonl").output_dir.endswith("my_task")
-    assert evaluation.EvalConfig(benchmark="sat", split="test").output_dir.endswith("sat-test")
+    assert flags.EvalConfig(dataset="my_task.jsonl").output_dir.endswith("my_task")
+    assert flags.EvalConfig(benchmark="sat", split="test").output_dir.endswith("sat-test")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import eval as evaluation
+import data
+from r1v import answers, hub, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,7 @@ def test_score_cvbench_by_hand():
         ]  # 25%
         + [{"source": "Omni3D", "task": "Distance", "correct": c} for c in (True, True)]
     )
-    s = evaluation.score_cvbench(rows)
+    s = metrics.score_cvbench(rows)
     assert s["micro"] == pytest.approx(100 * 8 / 14)  # 14 items, 8 right
     # ADE20K 2/4 = 50, COCO 3/4 = 75 -> 2D 62.5; Omni3D 3/6 = 50 -> 3D 50; official (62.5 + 50) / 2
     assert s["2D"] == pytest.approx(62.5) and s["3D"] == pytest.approx(50.0)
@@ -58,13 +59,13 @@ CHOICES = ["3", "2", "1", "0"]
     ],
 )
 def test_parsers(response, strict, lenient):
-    assert evaluation.parse_choice(response, CHOICES) == strict
-    assert evaluation.parse_choice(response, CHOICES, lenient=True) == lenient
+    assert answers.parse_choice(response, CHOICES) == strict
+    assert answers.parse_choice(response, CHOICES, lenient=True) == lenient
 
 
 def test_text_options_without_letters():
-    assert evaluation.parse_choice("<answer>Left</answer>", ["left", "right"], lettered=False) == 0
-    assert evaluation.parse_choice("<answer>A</answer>", ["left", "right"], lettered=False) is None
+    assert answers.parse_choice("<answer>Left</answer>", ["left", "right"], lettered=False) == 0
+    assert answers.parse_choice("<answer>A</answer>", ["left", "right"], lettered=False) is None
 
 
 def cvbench_rows(n=6):
@@ -133,7 +134,8 @@ def write_cvbench(root, layout):
 
 @pytest.mark.parametrize("layout", ["single", "split"])
 def test_both_hub_layouts_load(tmp_path, layout):
-    items = evaluation.load_cvbench(write_cvbench(tmp_path / layout, layout))
+    source = write_cvbench(tmp_path / layout, layout)
+    items = hub.cvbench_items(hub.read_cvbench(source), source, data.View())
     assert len(items) == 6
     ex = items[0]
     assert ex["gold"] == 0 and ex["lettered"] and ex["prompt"].endswith("<think>")
@@ -192,7 +194,7 @@ def test_sat_benchmark_and_an_adapter(tmp_path, tiny_model_dir):
             "--lora_alpha", "4",
         ]
     )
-    model, _ = train.load_model(cfg, train.torch.device("cpu"))
+    model = train.load_model(cfg, train.torch.device("cpu"))
     model.save_pretrained(tmp_path / "adapter")
     result = run_eval(
         "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--benchmark", "sat",

@@ -11,12 +11,13 @@ from PIL import Image
 
 import data
 import eval as evaluation
-import policy
+from r1v import grounding, metrics, model
+from r1v import rows as stored
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("frame", data.FRAMES)
+@pytest.mark.parametrize("frame", sorted(model.BOX_FRAMES.values()))
 def test_a_gold_box_goes_into_the_models_frame_and_back(frame):
     """640x480 is resized to fit 200,000 pixels: Qwen2.5-VL's frame is that resized image in
     pixels, Qwen2-VL's is 0-1000 of each side."""
@@ -28,7 +29,8 @@ def test_a_gold_box_goes_into_the_models_frame_and_back(frame):
     expected = ([100 * w / 640, 50 * h / 480, 300 * w / 640, 250 * h / 480] if frame == "pixels"
                 else [100 / 640 * 1000, 50 / 480 * 1000, 300 / 640 * 1000, 250 / 480 * 1000])
     assert ex["box"] == pytest.approx(expected) and ex["gold_box"] == gold
-    assert data.scale_box(ex["box"], ex["frame_size"], ex["original_size"]) == pytest.approx(gold)
+    back = grounding.scale_box(ex["box"], ex["frame_size"], ex["original_size"])
+    assert back == pytest.approx(gold)
     boxes = [{"bbox_2d": gold, "label": "dog"}]
     ovd = data.make_example(image, {"labels": ["dog", "cat"], "boxes": boxes}, None, view)
     assert ovd["boxes"][0]["bbox_2d"] == pytest.approx(expected) and ovd["gold_boxes"] == boxes
@@ -45,13 +47,16 @@ def test_the_rec_prompt_is_vlm_r1s():
 
 
 def test_the_chat_template_wraps_the_question(tiny_qwen25_dir, tiny_model_dir):
-    view = policy.model_view(tiny_qwen25_dir, "auto", 3136, 50176)
-    assert view.frame == "pixels" and view.template.startswith("<|im_start|>system")
-    assert view.template.endswith("{question}<|im_end|>\n<|im_start|>assistant\n")
-    base = policy.model_view(tiny_model_dir, "auto", 3136, 50176)
+    def view(folder, prompt_format):
+        return data.model_view(model.load_config(folder), model.load_processor(folder),
+                               prompt_format, 3136, 50176)
+    chat = view(tiny_qwen25_dir, "auto")
+    assert chat.frame == "pixels" and chat.template.startswith("<|im_start|>system")
+    assert chat.template.endswith("{question}<|im_end|>\n<|im_start|>assistant\n")
+    base = view(tiny_model_dir, "auto")
     assert base.frame == "norm1000" and base.template == data.PROMPT_TEMPLATE
     with pytest.raises(ValueError, match="no chat template"):
-        policy.model_view(tiny_model_dir, "chat", 3136, 50176)
+        view(tiny_model_dir, "chat")
 
 
 def write_rows(folder, rows, size=(112, 84)):
@@ -71,7 +76,7 @@ OVD = {"labels": ["circle", "square"], "boxes": [{"bbox_2d": [10, 20, 50, 60], "
                                       ({**OVD, "boxes": []}, "ovd")])
 def test_jsonl_rows_of_each_task(tmp_path, row, task):
     ds = data.load_examples(write_rows(tmp_path, [row, row]))
-    assert ds.task_type == task and len(data.check_rows(ds)) == 2
+    assert ds.task_type == task and len(stored.check_rows(ds)) == 2
     assert ds[1]["task_type"] == task
 
 
@@ -87,12 +92,12 @@ def test_jsonl_rows_of_each_task(tmp_path, row, task):
 def test_bad_grounding_rows_are_named_by_line(tmp_path, row, message):
     path = write_rows(tmp_path, [REC if "phrase" in row else OVD, row])
     with pytest.raises(ValueError, match=r"rows.jsonl:2: .*" + __import__("re").escape(message)):
-        data.check_rows(data.load_examples(path))
+        stored.check_rows(data.load_examples(path))
 
 
 def test_a_file_mixing_tasks_is_refused(tmp_path):
     with pytest.raises(ValueError, match="rows.jsonl:2: a ovd row in a file of rec rows"):
-        data.check_rows(data.load_examples(write_rows(tmp_path, [REC, OVD])))
+        stored.check_rows(data.load_examples(write_rows(tmp_path, [REC, OVD])))
 
 
 def write_refcoco(root, split="val"):
@@ -122,7 +127,7 @@ def write_refcoco(root, split="val"):
 
 def test_refcoco_rows_are_one_per_expression(tmp_path):
     ds = data.load_examples(write_refcoco(tmp_path / "refcoco"), "val", limit=0)
-    assert ds.task_type == "rec" and len(ds) == 6 and len(data.check_rows(ds)) == 6
+    assert ds.task_type == "rec" and len(ds) == 6 and len(stored.check_rows(ds)) == 6
     assert [ds[i]["phrase"] for i in (0, 1, 2)] == ["the red circle", "a red shape",
                                                   "the blue square"]
     assert ds[5]["gold_box"] == [70, 28, 140, 112]            # [x, y, w, h] -> corners
@@ -196,7 +201,7 @@ def test_ovd_evaluation_scores_the_dataset_with_pycocotools():
             for i, text in enumerate(['<answer>[{"bbox_2d": [0, 0, 10, 10], "label": "circle"}]'
                                       '</answer>', "<answer>nothing</answer>"])]
     assert rows[0]["detections"] == gold and rows[1]["detections"] is None
-    summary = evaluation.summarize(rows, "jsonl")
+    summary = metrics.summarize(rows, "jsonl")
     # one image found exactly, one missed: recall 0.5 at precision 1 -> AP 51/101 (COCO's
     # 101 recall points, 0..0.5 inclusive read precision 1)
     assert summary["scores"]["mAP"] == pytest.approx(100 * 51 / 101, abs=1e-6)

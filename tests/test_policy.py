@@ -1,6 +1,8 @@
-"""policy.py on the tiny model: generation, the Rollout's layout, log-probs, the reference under
-disable_adapter, micro-batch invariance of the loss and its gradients, the Liger loss."""
+"""r1v/policy.py and train.py's update on the tiny model: generation, the Rollout's layout,
+log-probs, the reference under disable_adapter, micro-batch invariance of the loss and its
+gradients, the Liger loss."""
 
+import math
 import random
 
 import pytest
@@ -10,8 +12,11 @@ from PIL import Image
 import data
 import demo
 import grpo
-import policy
 import train
+from r1v import policy, processes
+from r1v import model as models
+
+PROCS = processes.Processes(None)  # this one process
 
 
 def tiny_config(model_dir, tmp_path, **overrides):
@@ -37,17 +42,22 @@ def generation(processor, cfg):
 def rollout(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     cfg = tiny_config(tiny_model_dir, tmp_path)
-    model, processor = train.load_model(cfg, torch.device("cpu"))
+    model = train.load_model(cfg, torch.device("cpu"))
+    processor = models.load_processor(tiny_model_dir)
     with torch.no_grad():  # a non-zero adapter, so that disabling it matters
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     ds = demo.synthetic_dataset(8, seed=1, tasks=("count", "leftright", "bigger"), image_size=56)
     examples = [ds[0], ds[1], demo.synthetic_dataset(1, seed=2, image_size=84)[0]]  # two sizes
-    rollout, texts = policy.generate(
-        model, processor, examples, generation(processor, cfg), cfg.num_generations
+    rollout, texts = train.generate(
+        model, processor, examples, generation(processor, cfg), cfg, eos_ids(processor)
     )
     return cfg, model, processor, rollout, texts, examples
+
+
+def eos_ids(processor):
+    return [models.special_tokens(processor).eos]
 
 
 def logps(model, rollout, cfg, micro_batch_size=None):
@@ -61,7 +71,7 @@ def test_generate_returns_prompt_major_groups_and_position_masks(rollout):
     cfg, model, processor, batch, texts, examples = rollout
     N = len(examples) * cfg.num_generations
     assert batch.completion_ids.shape[0] == N and len(batch) == N and len(texts) == N
-    tokens = policy.special_tokens(processor)
+    tokens = models.special_tokens(processor)
     assert torch.equal(
         batch.completion_mask, grpo.completion_mask(batch.completion_ids, tokens.eos)
     )
@@ -118,7 +128,7 @@ def test_update_changes_every_lora_weight_and_only_those(rollout, use_liger):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
-    stats = train.update(model, optimizer, scheduler, batch, cfg)
+    stats = train.update(model, optimizer, scheduler, batch, cfg, PROCS)
     assert stats["nonfinite"] == 0 and stats["grad_norm"] > 0
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p.detach())
@@ -129,10 +139,10 @@ def test_update_changes_every_lora_weight_and_only_those(rollout, use_liger):
 
 def batch_gradients(model, batch, cfg, micro_batch_size, loss_type, use_liger=False):
     model.zero_grad(set_to_none=True)
-    loss, stats = policy.accumulate_gradients(
-        model, batch, micro_batch_size, cfg.temperature, cfg.logp_chunk_size, use_liger, beta=0.04,
-        loss_type=loss_type, max_completion_length=cfg.max_completion_length,
-    )
+    cfg = train.dataclasses.replace(cfg, micro_batch_size=micro_batch_size, use_liger=use_liger,
+                                    beta=0.04, loss_type=loss_type)
+    loss, stats = train.accumulate_gradients(model, batch, cfg, len(batch),
+                                             batch.completion_mask.sum())
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     return loss, grads, stats
@@ -170,16 +180,18 @@ def test_liger_fused_loss_matches_the_plain_path_in_loss_and_lora_gradients(roll
     num_tokens, kwargs = batch.completion_mask.sum(), dict(
         beta=0.04, loss_type=loss_type, max_completion_length=6
     )
-    liger, liger_stats = policy.liger_loss(
-        model, batch, cfg.temperature, len(batch), num_tokens, **kwargs
+    hidden, weight = policy.completion_hidden(model, batch)
+    liger_loss, liger_stats = models.liger_grpo_loss(
+        hidden, weight, batch, cfg.temperature, len(batch), num_tokens, **kwargs
     )
     logp = policy.token_logps(model, batch, cfg.temperature)
     plain, plain_stats = grpo.policy_loss(
         logp, batch.old_logp, batch.ref_logp, batch.advantages, batch.completion_mask,
         num_tokens=num_tokens, **kwargs,
     )
-    torch.testing.assert_close(liger, plain, atol=1e-5, rtol=1e-4)
-    for a, b in zip(torch.autograd.grad(liger, params), torch.autograd.grad(plain, params)):
+    torch.testing.assert_close(liger_loss, plain, atol=1e-5, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad(liger_loss, params),
+                    torch.autograd.grad(plain, params)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
     assert liger_stats["kl"] == pytest.approx(plain_stats["kl"], rel=1e-4, abs=1e-7)
     assert liger_stats["clip_ratio/region_mean"] == pytest.approx(
@@ -279,7 +291,7 @@ def test_the_reference_stays_the_initial_model_through_updates(rollout, tiny_mod
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
     for _ in range(3):
-        assert train.update(model, optimizer, scheduler, batch, cfg)["nonfinite"] == 0
+        assert train.update(model, optimizer, scheduler, batch, cfg, PROCS)["nonfinite"] == 0
     model.eval()
     with torch.no_grad(), model.disable_adapter():
         assert torch.equal(model(**batch.model_inputs()).logits, initial)  # bit for bit
@@ -289,15 +301,17 @@ def test_the_reference_stays_the_initial_model_through_updates(rollout, tiny_mod
 def test_the_vision_tower_runs_once_per_step_when_frozen(tiny_model_dir, tmp_path, train_vision):
     cfg = tiny_config(tiny_model_dir, tmp_path, micro_batch_size=2, num_iterations=2)
     cfg = train.dataclasses.replace(cfg, train_vision=train_vision)
-    model, processor = train.load_model(cfg, torch.device("cpu"))
+    model = train.load_model(cfg, torch.device("cpu"))
+    processor = models.load_processor(tiny_model_dir)
     examples = [demo.synthetic_dataset(3, seed=1, image_size=56)[i] for i in range(3)]
     calls, hook = count_vision_calls(model)
-    batch, _ = policy.generate(model, processor, examples, generation(processor, cfg), 2)
+    batch, _ = train.generate(model, processor, examples, generation(processor, cfg), cfg,
+                              eos_ids(processor))
     batch.advantages = torch.tensor([1.0, -1.0] * 3)
     train.add_old_and_ref_logps(model, batch, cfg)  # old (mu 2) and reference log-probs
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
-    train.update(model, optimizer, scheduler, batch, cfg)
+    train.update(model, optimizer, scheduler, batch, cfg, PROCS)
     hook.remove()
     # Trained: generation, then each pass (old, reference, 2 updates) per micro-batch of 2.
     passes = 4 * len(batch) // 2
@@ -308,10 +322,10 @@ def test_update_reports_the_mean_of_its_iterations_stats(rollout, monkeypatch):
     cfg, model, processor, batch, texts, examples = rollout
     cfg = train.dataclasses.replace(cfg, num_iterations=2)
     calls = iter([(0.5, {"kl": 1.0}), (1.5, {"kl": 3.0})])
-    monkeypatch.setattr(policy, "accumulate_gradients", lambda *args, **kwargs: next(calls))
+    monkeypatch.setattr(train, "accumulate_gradients", lambda *args, **kwargs: next(calls))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
-    stats = train.update(model, optimizer, scheduler, batch, cfg)
+    stats = train.update(model, optimizer, scheduler, batch, cfg, PROCS)
     assert stats["kl"] == 2.0 and stats["loss"] == 1.0 and stats["nonfinite"] == 0
 
 
@@ -326,9 +340,9 @@ def test_liger_kernels_replace_every_norm_mlp_and_the_rotary_embedding(tiny_mode
 
     for module in (modeling_qwen2_vl, modeling_qwen2_5_vl):  # restored after the test
         monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
-    model, _ = policy.load_base_model(tiny_model_dir, torch.device("cpu"))
+    model = models.load_base_model(tiny_model_dir, torch.device("cpu"))
     text, vision = model.config.text_config, model.config.vision_config
-    patched = policy.apply_liger_kernels(model)
+    patched = models.apply_liger_kernels(model)
 
     def kind(module):
         return getattr(module.forward, "__func__", None)
@@ -344,8 +358,7 @@ def test_liger_kernels_replace_every_norm_mlp_and_the_rotary_embedding(tiny_mode
 def test_liger_is_off_by_default_on_cpu(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path)
     assert cfg.use_liger is None  # decided by the device when the run starts
-    model, _ = train.load_model(train.dataclasses.replace(cfg, use_liger=True),
-                                torch.device("cpu"))
+    model = train.load_model(train.dataclasses.replace(cfg, use_liger=True), torch.device("cpu"))
     assert not any(hasattr(m, "casting_mode") for m in model.modules())  # no Triton on CPU
 
 
@@ -357,8 +370,9 @@ def test_update_logs_entropy_and_the_extreme_micro_batch_clip_ratios(rollout):
     stats = {}
     for size in (2, len(batch)):
         model.zero_grad()
-        _, stats[size] = policy.accumulate_gradients(model, batch, size, cfg.temperature,
-                                                     cfg.logp_chunk_size, beta=0.0)
+        cut = train.dataclasses.replace(cfg, micro_batch_size=size, beta=0.0)
+        _, stats[size] = train.accumulate_gradients(model, batch, cut, len(batch),
+                                                    batch.completion_mask.sum())
     cut, whole = stats[2], stats[len(batch)]
     assert 0 < cut["entropy"] == pytest.approx(whole["entropy"], rel=1e-5)
     assert cut["clip_ratio/low_min"] <= cut["clip_ratio/low_mean"]
@@ -367,3 +381,51 @@ def test_update_logs_entropy_and_the_extreme_micro_batch_clip_ratios(rollout):
     # one micro-batch: the extremes are the means
     assert whole["clip_ratio/low_min"] == pytest.approx(whole["clip_ratio/low_mean"])
     assert whole["clip_ratio/high_max"] == pytest.approx(whole["clip_ratio/high_mean"])
+
+
+# --- the chunked projection (detail 9) ------------------------------------------------------
+
+def _full_logps(hidden, weight, ids, temperature):
+    logits = hidden @ weight.T / temperature  # (N, C, V)
+    return torch.gather(logits.log_softmax(-1), 2, ids.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+def test_chunked_completion_logps_match_full_logits_in_value_and_gradient(chunk_size):
+    torch.manual_seed(0)
+    N, C, H, V = 3, 4, 8, 11
+    hidden = torch.randn(N, C, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    ids = torch.randint(0, V, (N, C))
+    chunked = policy.completion_logps(hidden, weight, ids, temperature=0.7, chunk_size=chunk_size)
+    full = _full_logps(hidden, weight, ids, 0.7)
+    torch.testing.assert_close(chunked, full)
+    upstream = torch.randn(N, C)
+    g_chunked = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight))
+    g_full = torch.autograd.grad((full * upstream).sum(), (hidden, weight))
+    for a, b in zip(g_chunked, g_full):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_entropy_from_the_chunks_equals_the_full_softmax_entropy(chunk_size):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 3, 8, requires_grad=True)
+    weight, ids = torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+    logp, entropy, top1 = policy.completion_logps(hidden, weight, ids, 0.7, chunk_size,
+                                                with_stats=True)
+    probs = torch.softmax(hidden @ weight.T / 0.7, -1)                          # (N, C, V)
+    torch.testing.assert_close(entropy, -(probs * probs.log()).sum(-1))
+    assert torch.equal(top1, (probs.argmax(-1) == ids).float())
+    torch.testing.assert_close(logp, _full_logps(hidden, weight, ids, 0.7))
+    assert not entropy.requires_grad and logp.requires_grad  # a metric, not part of the loss
+    # hand-computed: a uniform distribution over V tokens has entropy log V
+    flat = policy.completion_logps(torch.zeros(1, 1, 8), weight, ids[:1, :1], with_stats=True)[1]
+    torch.testing.assert_close(flat, torch.tensor([[math.log(11)]]))
+
+
+def test_completion_logps_apply_the_temperature():
+    hidden, weight, ids = torch.randn(1, 2, 4), torch.randn(5, 4), torch.tensor([[1, 2]])
+    hot = policy.completion_logps(hidden, weight, ids, temperature=2.0)
+    torch.testing.assert_close(hot, _full_logps(hidden, weight, ids, 2.0))
+    assert not torch.allclose(hot, policy.completion_logps(hidden, weight, ids, temperature=1.0))

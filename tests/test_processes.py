@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train
+from r1v import processes, runs
 from test_checkpoint import metrics, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +52,12 @@ def tensorboard_scalars(folder, tag):
 def test_share_splits_a_batch_in_order_whatever_the_number_of_processes():
     items = list(range(10))
     for world in (1, 2, 3, 4):
-        shares = [train.share(items, rank, world) for rank in range(world)]
+        shares = [processes.share(items, rank, world) for rank in range(world)]
         assert sum(shares, []) == items  # contiguous, in order: data order does not change
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
-    assert [train.share(list(range(16)), r, 2) for r in (0, 1)] == [list(range(8)),
-                                                                     list(range(8, 16))]
-    assert train.share(range(3), 3, 4) == range(3, 3)  # more processes than items: none
+    assert [processes.share(list(range(16)), r, 2) for r in (0, 1)] == [list(range(8)),
+                                                                         list(range(8, 16))]
+    assert processes.share(range(3), 3, 4) == range(3, 3)  # more processes than items: none
 
 
 @pytest.mark.slow
@@ -166,7 +167,7 @@ def test_ctrl_c_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(
     os.kill(int(workers.stdout.split()[-1]), signal.SIGINT)  # the second process only
     output = p.communicate(timeout=300)[0]
     assert output.count("interrupted at step") == 1
-    (checkpoint,) = train.list_checkpoints(tmp_path)
+    (checkpoint,) = runs.list_checkpoints(tmp_path)
     stopped_at = int(checkpoint.name.split("-")[1])
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, stopped_at + 1))
     assert stopped_at < 100

@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 import demo
-import policy
-from cli import UserError
+import grpo
+from r1v import model as models
+from r1v import policy, synthetic, tiny
+from r1v.cli import UserError
 
 CPU = torch.device("cpu")
 
@@ -20,7 +22,7 @@ def qwen25_dir(tmp_path_factory):
     """A tiny random Qwen2.5-VL (an Instruct model: its processor has a chat template), in a
     folder whose name does not say which family it is."""
     folder = tmp_path_factory.mktemp("tiny-vlm")
-    return str(demo.build_tiny_model(folder, demo.synthetic_vocabulary(), family="qwen2_5_vl"))
+    return str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary(), family="qwen2_5_vl"))
 
 
 def randomise_lora(model):
@@ -35,14 +37,13 @@ def randomise_lora(model):
 
 @pytest.fixture(scope="module")
 def lora_model(qwen25_dir):
-    model, processor = policy.load_base_model(qwen25_dir, CPU)
-    model = randomise_lora(policy.add_lora(model, r=4, alpha=8))
-    return model.eval(), processor
+    lora = randomise_lora(models.add_lora(models.load_base_model(qwen25_dir, CPU), r=4, alpha=8))
+    return lora.eval(), models.load_processor(qwen25_dir)
 
 
 def chat_examples(processor, sizes):
     """Prompts built with the chat template, one image each, sizes (width, height) in pixels."""
-    questions = [demo.SYNTHETIC_QUESTIONS[k] for k in ("background", "count", "color")]
+    questions = [synthetic.SYNTHETIC_QUESTIONS[k] for k in ("background", "count", "color")]
     examples = []
     for (w, h), question, color in zip(sizes, questions, ["red", "green", "blue"]):
         messages = [{"role": "user", "content": [{"type": "image"},
@@ -54,20 +55,20 @@ def chat_examples(processor, sizes):
 
 
 def test_model_family_comes_from_the_config(qwen25_dir, tiny_model_dir, tmp_path):
-    assert policy.model_family(qwen25_dir) == "qwen2_5_vl"
-    assert policy.model_family(tiny_model_dir) == "qwen2_vl"
+    assert models.load_config(qwen25_dir).model_type == "qwen2_5_vl"
+    assert models.load_config(tiny_model_dir).model_type == "qwen2_vl"
     other = tmp_path / "Qwen2.5-VL-3B-Instruct"  # the name says Qwen2.5-VL, the config does not
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UserError, match=r"model_type 'llama' is not supported.*qwen2_5_vl"):
-        policy.model_family(str(other))
+        models.load_config(str(other))
     (other / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load its config"):
-        policy.model_family(str(other), "--ref_model")
+        models.load_config(str(other), "--ref_model")
 
 
 def test_chat_template_survives_save_and_reload(qwen25_dir):
-    processor = policy.load_processor(qwen25_dir)
+    processor = models.load_processor(qwen25_dir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hello"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -78,9 +79,8 @@ def test_chat_template_survives_save_and_reload(qwen25_dir):
 def test_load_base_model_builds_the_familys_class(qwen25_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    model, processor = policy.load_base_model(qwen25_dir, CPU)
-    assert type(model) is Qwen2_5_VLForConditionalGeneration
-    assert isinstance(processor, Qwen2_5_VLProcessor)
+    assert type(models.load_base_model(qwen25_dir, CPU)) is Qwen2_5_VLForConditionalGeneration
+    assert isinstance(models.load_processor(qwen25_dir), Qwen2_5_VLProcessor)
 
 
 def test_lora_is_on_the_language_model_only(lora_model):
@@ -94,13 +94,21 @@ def test_lora_is_on_the_language_model_only(lora_model):
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+def generate(model, processor, examples, gen, group_size):
+    """policy.generate, and the completion mask the trainer makes (detail 7)."""
+    batch, texts = policy.generate(model, processor, examples, gen, group_size)
+    batch.completion_mask = grpo.completion_mask(batch.completion_ids,
+                                                 models.special_tokens(processor).eos)
+    return batch, texts
+
+
 def fixed_rollout(processor, examples):
     """A Rollout of the examples with fixed completions (no generation needed)."""
     enc = policy.encode_prompts(processor, examples, 1)
     completion_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(["red", "blue"])]
                                   * len(examples))                             # (N, C)
     return policy.Rollout.from_encoding(enc, completion_ids, torch.ones_like(completion_ids),
-                                        policy.special_tokens(processor).vision_start)
+                                        models.special_tokens(processor).vision_start)
 
 
 def test_disable_adapter_gives_exactly_the_base_logits(lora_model, qwen25_dir):
@@ -138,7 +146,7 @@ def test_generate_and_micro_batches_give_the_full_batch_logps(lora_model):
     examples = chat_examples(processor, [(56, 56), (112, 84)])  # 4 and 12 visual tokens
     gen = policy.generation_config(processor, max_new_tokens=5)
     torch.manual_seed(0)
-    batch, texts = policy.generate(model, processor, examples, gen, group_size=2)
+    batch, texts = generate(model, processor, examples, gen, group_size=2)
     assert len(batch) == len(texts) == 4 and batch.images_per_seq.tolist() == [1] * 4
     assert batch.image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 4], [1, 6, 8], [1, 6, 8]]
     full = policy.rollout_logps(model, batch, micro_batch_size=4)              # (N, C)
@@ -158,14 +166,15 @@ def test_generate_and_micro_batches_give_the_full_batch_logps(lora_model):
 def test_qlora_keeps_the_vision_tower_unquantised_and_trains(qwen25_dir):
     import bitsandbytes as bnb
 
-    model, processor = policy.load_base_model(qwen25_dir, CPU, load_in_4bit=True)
+    model = models.load_base_model(qwen25_dir, CPU, load_in_4bit=True)
+    processor = models.load_processor(qwen25_dir)
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and all(".language_model." in n for n in four_bit)
     assert not any("visual" in n or "lm_head" in n for n in four_bit)
-    model = randomise_lora(policy.add_lora(model, r=4, alpha=8))
+    model = randomise_lora(models.add_lora(model, r=4, alpha=8))
     examples = chat_examples(processor, [(56, 56), (84, 56)])
     torch.manual_seed(0)
-    batch, _ = policy.generate(model, processor, examples,
+    batch, _ = generate(model, processor, examples,
                                policy.generation_config(processor, max_new_tokens=3), 2)
     model.train()
     logp = policy.token_logps(model, batch)                                    # (N, C)

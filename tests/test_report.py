@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
+from r1v import cli
 import report
 
 ROOT = Path(__file__).resolve().parents[1]

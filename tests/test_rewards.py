@@ -1,4 +1,5 @@
-"""rewards.py on tables of cases."""
+"""rewards.py, and the parsers (r1v/answers.py), boxes (r1v/grounding.py) and reflection
+phrases (r1v/metrics.py) beside them, on tables of cases."""
 
 import contextlib
 import io
@@ -10,6 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import rewards
+from r1v import answers, grounding, metrics
 
 EX = {"answer": "left", "choices": ["left", "right"]}
 
@@ -65,7 +67,7 @@ def test_accuracy_reward(completion, expected):
     ],
 )
 def test_reflection_phrases(text, expected):
-    assert rewards.is_reflective(text) is expected
+    assert bool(metrics.reflection_keys(text)) is expected
 
 
 @pytest.mark.parametrize(
@@ -83,17 +85,18 @@ def test_reflection_phrases(text, expected):
     ],
 )
 def test_reflection_keys(text, keys):
-    assert rewards.reflection_keys(text) == keys
-    assert rewards.is_reflective(text) is bool(keys)
+    assert metrics.reflection_keys(text) == keys
+    assert bool(metrics.reflection_keys(text)) is bool(keys)
 
 
 def test_every_reflection_phrase_has_one_key():
-    assert rewards.REFLECTION_KEYS == ("wait", "recheck", "double_check", "reconsider",
+    assert metrics.REFLECTION_KEYS == ("wait", "recheck", "double_check", "reconsider",
                                        "reevaluate", "verify", "second_thought", "mistake")
-    for key, phrases in rewards.REFLECTION_GROUPS.items():
+    for key, phrases in metrics.REFLECTION_GROUPS.items():
         for phrase in phrases:
-            assert rewards.reflection_keys(f"So, {phrase.upper()}.") == {key}
-    assert len(rewards.REFLECTION_PHRASES) == 14  # the phrases before the keys, all kept
+            assert metrics.reflection_keys(f"So, {phrase.upper()}.") == {key}
+    # the phrases before the keys, all kept
+    assert sum(len(phrases) for phrases in metrics.REFLECTION_GROUPS.values()) == 14
 
 
 @pytest.mark.parametrize(
@@ -192,7 +195,7 @@ def answer(text):
     ],
 )
 def test_parse_box(text, expected):
-    assert rewards.parse_box(text) == expected
+    assert answers.parse_box(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -209,7 +212,7 @@ def test_parse_box(text, expected):
     ],
 )
 def test_box_iou(a, b, expected):
-    assert rewards.box_iou(a, b) == pytest.approx(expected)
+    assert grounding.box_iou(a, b) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +253,7 @@ DOG = {"bbox_2d": [1.0, 2.0, 3.0, 4.0], "label": "dog"}
     ],
 )
 def test_parse_detections(text, expected):
-    assert rewards.parse_detections(text) == expected
+    assert answers.parse_detections(text) == expected
 
 
 def boxes(*pairs):
@@ -318,7 +321,7 @@ def test_detection_reward_text_answers(completion, gold, expected):
     ],
 )
 def test_count_boxes(completion, expected):
-    assert rewards.count_boxes(completion) == expected
+    assert answers.count_boxes(completion) == expected
 
 
 def random_scene(rng):
@@ -389,14 +392,14 @@ def test_detection_reward_matches_pycocotools_used_another_way(tmp_path):
                 for p, g in scenes}) > 5  # the scenes are not all alike
     # The dataset-level mAP that evaluation reports: every scene an image of one evaluation.
     predictions, golds = zip(*scenes)
-    assert rewards.coco_ap(predictions, golds) == pytest.approx(
+    assert grounding.coco_ap(predictions, golds) == pytest.approx(
         reference_ap(predictions, golds, tmp_path), abs=1e-9)
 
 
 def test_coco_ap_undefined_or_empty_is_zero():
-    assert rewards.coco_ap([boxes((A, "dog"))], [[]]) == 0.0  # no gold box: AP undefined
-    assert rewards.coco_ap([boxes((A, "cat"))], [boxes((A, "dog"))]) == 0.0  # nothing scored
-    assert rewards.coco_ap([[], boxes((A, "dog"))], [boxes((A, "dog")), []]) == 0.0
+    assert grounding.coco_ap([boxes((A, "dog"))], [[]]) == 0.0  # no gold box: AP undefined
+    assert grounding.coco_ap([boxes((A, "cat"))], [boxes((A, "dog"))]) == 0.0  # nothing scored
+    assert grounding.coco_ap([[], boxes((A, "dog"))], [boxes((A, "dog")), []]) == 0.0
 
 
 def test_grounding_rewards_are_registered_and_scored():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import data
 import eval as evaluation
 import train
-from cli import UserError
+from r1v import rows as stored
+from r1v.cli import UserError
 from test_errors import write_task
 
 
@@ -70,10 +70,10 @@ def test_a_row_that_breaks_mid_run_is_skipped_and_counted(
     tmp_path, tiny_model_dir, capsys, monkeypatch
 ):
     task = write_task(tmp_path / "task", rows=4)
-    real = data.verified_size
+    real = stored.verified_size
     # the check passed; the file went bad afterwards (as if deleted or rewritten mid-run)
     monkeypatch.setattr(
-        data, "verified_size",
+        stored, "verified_size",
         lambda value: (56, 56) if str(value).endswith("3.png") else real(value),
     )
     (tmp_path / "task" / "3.png").write_bytes(b"gone bad")

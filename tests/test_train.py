@@ -10,6 +10,7 @@ import pytest
 import data
 import demo
 import train
+from r1v import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,23 +161,26 @@ def test_rollout_metrics_on_a_hand_computed_batch():
     import torch
 
     import rewards
+    from r1v import processes
 
     eos = 9
     ids = torch.tensor([[1, 9, 0], [1, 2, 3], [9, 0, 0], [1, 2, 9]])            # (N, C)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])            # (N, C)
     rollout = types.SimpleNamespace(completion_ids=ids, completion_mask=mask)
     texts = ["Wait, let me re-check.", "fine", "On second thought, wait", "no"]
-    lengths, terminated = train.completion_lengths(rollout, eos)
+    lengths, terminated = metrics.completion_lengths(rollout, [eos])
     assert (lengths, terminated) == ([2, 3, 1, 3], [True, False, True, True])
-    examples = train.completion_examples([{"task_type": "choice", "q": 1},
-                                          {"task_type": "choice", "q": 2}], lengths, terminated, 2)
+    funcs = {"accuracy": lambda completion, example: float(example["q"] != 1 or "fine" not in
+                                                           completion)}
+    scored = train.score(texts, [{"task_type": "choice", "q": 1}, {"task_type": "choice", "q": 2}],
+                         rollout, [eos], funcs, {"accuracy": 1.0}, 2, None)
+    examples = scored.examples
     assert [ex["completion_tokens"] for ex in examples] == [1, 3, 0, 2]  # EOS not counted
     assert [ex["q"] for ex in examples] == [1, 1, 2, 2]
     assert [rewards.length_reward(t, ex) for t, ex in zip(texts, examples)] == \
         [0.001, 0.003, 0.0, 0.002]
-    scored = train.Scored(texts, examples, [1.0, 0.0, 1.0, 1.0],
-                          {"accuracy": [1.0, 0.0, 1.0, 1.0]}, {"accuracy": 0}, lengths, terminated)
-    m = train.rollout_metrics(scored, 2)
+    assert scored.total == scored.parts["accuracy"] == [1.0, 0.0, 1.0, 1.0]
+    m = metrics.rollout_metrics(scored, 2)
     assert (m["completions/mean_length"], m["completions/clipped_ratio"]) == (2.25, 0.25)
     assert (m["completions/mean_terminated_length"], m["completions/min_terminated_length"],
             m["completions/max_terminated_length"]) == (2.0, 1.0, 3.0)  # lengths 2, 1, 3
@@ -184,10 +188,11 @@ def test_rollout_metrics_on_a_hand_computed_batch():
     assert m["completions/reflection/wait"] == 0.5
     assert m["completions/reflection/recheck"] == m["completions/reflection/second_thought"] == 0.25
     assert m["completions/reflection/mistake"] == 0.0
-    assert {f"completions/reflection/{k}" for k in rewards.REFLECTION_KEYS} <= set(m)
-    assert scored.gathered() == scored  # one process: the whole batch is its share
-    none_ended = train.Scored(texts, examples, [0.0] * 4, {}, {}, lengths, [False] * 4)
-    m = train.rollout_metrics(none_ended, 2)  # none ended: 0, as the reference library
+    assert {f"completions/reflection/{k}" for k in metrics.REFLECTION_KEYS} <= set(m)
+    # one process: the whole batch is its share
+    assert scored.gathered(processes.Processes(None)) == scored
+    none_ended = metrics.Scored(texts, examples, [0.0] * 4, {}, {}, lengths, [False] * 4)
+    m = metrics.rollout_metrics(none_ended, 2)  # none ended: 0, as the reference library
     assert m["completions/mean_terminated_length"] == m["completions/max_terminated_length"] == 0
 
 

@@ -1,21 +1,37 @@
 """A dataclass as a command line, and user errors as one line.
 
 Each field of the dataclass is a flag; its metadata holds the help (`help`), and optionally
-`choices`, `nargs` / `const` (for an optional value), `min` (both checked by `check_values`) and
+`choices`, `nargs` / `const` (for an optional value), the bounds `min`, `above`, `max`, `below`
+(checked by `check_values`, with every float's finiteness) and
 `default_help` (how --help shows the default). The element type of a flag comes from the
 annotation (`int`, `float`, `list[float]`, `str | None`...). Presets are named sets of values
 (the demo's) applied under the flags given, so `Config(**presets["demo"])` is `--demo`.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
+import math
+import operator
 import sys
+import traceback
 import types
 import typing
+from pathlib import Path
 
 
 class UserError(ValueError):
     """A mistake in what the user gave (a flag, a file, a row): shown as one line, no traceback."""
+
+
+@contextlib.contextmanager
+def user_error(what, *kinds, hint=""):
+    """What a library raises (`kinds`) about a user's input, as one line: `what (error)hint`."""
+    try:
+        yield
+    except kinds as e:
+        raise UserError(f"{what} ({e}){hint}") from e
 
 
 def flag(default, help, **metadata):
@@ -26,15 +42,26 @@ def flag(default, help, **metadata):
     return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
 
 
+BOUNDS = {"min": (operator.ge, "at least"), "above": (operator.gt, "above"),
+          "max": (operator.le, "at most"), "below": (operator.lt, "below")}
+
+
 def check_values(config):
-    """The `min` and `choices` of the fields' metadata, for a config made without the parser."""
+    """Every field's value against its metadata, also for a config made without the parser:
+    numbers finite and within the bounds `min`, `above`, `max`, `below`; one of `choices`. The
+    error says why, with the flag's help."""
     for f in dataclasses.fields(config):
-        value, low, choices = (getattr(config, f.name), f.metadata.get("min"),
-                               f.metadata.get("choices"))
-        if low is not None and value < low:
-            raise UserError(f"--{f.name} must be at least {low}, got {value}")
-        if choices is not None and value not in choices:
-            raise UserError(f"--{f.name} must be one of {list(choices)}, got {value!r}")
+        value, meta = getattr(config, f.name), f.metadata
+        for v in value if isinstance(value, list) else [value]:
+            bounds = [f"{word} {meta[k]}" for k, (ok, word) in BOUNDS.items()
+                      if k in meta and v is not None and not ok(v, meta[k])]
+            if isinstance(v, float) and not math.isfinite(v):
+                bounds = ["a finite number"]
+            if "choices" in meta and v not in meta["choices"]:
+                bounds = [f"one of {list(meta['choices'])}"]
+            if bounds:
+                raise UserError(f"--{f.name} must be {' and '.join(bounds)}, got {v!r} "
+                                f"({meta['help']})")
 
 
 def _unwrap(annotation):
@@ -98,3 +125,22 @@ def run(main, argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, quietly
         print("stopped", file=sys.stderr)
         sys.exit(130)
+
+
+def import_function(spec, flag):
+    """`path/to/file.py:function` of a flag (a user's reward) -> (name, function); where the
+    file breaks is said in one line, not our traceback."""
+    path, _, name = spec.rpartition(":")
+    if not Path(path).is_file():
+        raise UserError(f"{flag} {spec!r}: file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        line = getattr(e, "lineno", None) or traceback.extract_tb(e.__traceback__)[-1].lineno
+        raise UserError(f"{flag} {spec!r}: {path}:{line}: {type(e).__name__}: {e}") from e
+    func = getattr(module, name, None)
+    if not callable(func):
+        raise UserError(f"{flag} {spec!r}: {path!r} has no function {name!r}")
+    return name, func

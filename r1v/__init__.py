@@ -1,0 +1,23 @@
+"""The trainer's infrastructure, one concern a module; a student reading GRPO can skip it.
+
+    cli        a dataclass as the command line; user errors as one line
+    flags      the flags that are not the algorithm's (model, data, run folder, logging, eval.py)
+    model      loading: config, processor, base weights, QLoRA, LoRA; Liger's kernels and loss
+    policy     the Rollout of a generation batch: prompts encoded, one generate, log-probs
+    rows       a dataset's stored rows and images, read lazily and checked; JSONL tasks
+    hub        hub datasets: SAT, RefCOCO/+/g, CV-Bench
+    grounding  boxes: VLM-R1's questions, frames, checks, IoU, COCO AP
+    answers    what a completion answers: an option, a box, detections
+    metrics    what a step logs, the "aha" reflection phrases, eval.py's table
+    processes  several processes (torchrun, accelerate launch), trackers, Ctrl-C
+    runs       run folders, logs, checkpoints and resume
+    synthetic  the offline demo's rows of coloured shapes
+    tiny       tiny random Qwen2-VL / Qwen2.5-VL models with offline tokenizers
+"""
+
+import logging
+
+# bitsandbytes (imported by peft) logs a warning at import on CPUs with AVX512-BF16 when it
+# cannot fetch a kernel from the hub; its fallback works, and the line would break our one-line
+# errors. Quieted before any module of ours imports peft.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -1,0 +1,105 @@
+"""The flags that are not the algorithm's: which model and how it sees images (train.py and
+eval.py); for training the data, the run folder, speed and memory, evaluation, logging and
+checkpoints (train.py's Config adds the GRPO recipe's flags); eval.py's."""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from r1v import cli, hub, synthetic
+from r1v.cli import UserError, flag
+from r1v.model import PROMPT_FORMATS
+from r1v.rows import MAX_PIXELS, MIN_PIXELS
+
+
+@dataclass
+class ModelFlags:
+    """The flags train.py's and eval.py's configs share: the model, and how it sees images."""
+    model: str = flag("Qwen/Qwen2-VL-2B", "hub id or local folder of a Qwen2-VL or Qwen2.5-VL "
+                      "base model (train.py: 'demo' builds the tiny offline one)")
+    min_pixels: int = flag(MIN_PIXELS, "smaller images are upscaled", min=1)
+    max_pixels: int = flag(MAX_PIXELS, "larger images are downscaled (512 tokens)", min=1)
+    prompt_format: str = flag("auto", "r1: the paper's base-model prompt; chat: the checkpoint's "
+                              "chat template; auto: chat for Qwen2.5-VL (Instruct), else r1",
+                              choices=PROMPT_FORMATS)
+    load_in_4bit: bool = flag(False, "QLoRA: the language model in 4-bit NF4")
+
+    def __post_init__(self):
+        cli.check_values(self)
+        if self.min_pixels > self.max_pixels:
+            raise UserError(f"--min_pixels {self.min_pixels} is above --max_pixels "
+                            f"{self.max_pixels}")
+
+
+@dataclass
+class RunFlags(ModelFlags):
+    # the data, and where the run goes
+    dataset: str = flag("array/SAT", "hub id or folder in SAT's or RefCOCO's schema, a .jsonl "
+                        "(choice, rec or ovd rows: README), or 'synthetic'")
+    dataset_split: str = flag("train", "split of a hub or folder dataset")
+    dataset_limit: int = flag(15000, "first N rows (0 = all); synthetic: rows to make", min=0)
+    synthetic_tasks: list[str] = flag(list(synthetic.CHOICE_TASKS), "synthetic question types: "
+                                      f"{', '.join(synthetic.CHOICE_TASKS)} (multiple choice), "
+                                      "locate (rec) or detect (ovd)")
+    synthetic_image_size: int = flag(112, "side of synthetic images (28 pixels = 1 token)", min=1)
+    output_dir: str = flag("runs/r1zero", "metrics, samples, config and checkpoints go here")
+    overwrite: bool = flag(False, "start afresh in an --output_dir that holds a run")
+    seed: int = flag(42, "seeds data order, option shuffling, sampling and LoRA init", min=0)
+    # speed and memory (README "Memory and speed on one GPU")
+    use_liger: bool | None = flag(None, "Liger: its fused linear GRPO loss, and on CUDA its "
+                                  "Triton kernels (norms, RoPE, SwiGLU)",
+                                  default_help="on with CUDA, off on CPU")
+    gradient_checkpointing: bool = flag(True, "recompute activations: less memory, more time")
+    logp_chunk_size: int = flag(1024, "completion tokens per vocabulary-projection chunk", min=1)
+    static_cache: bool = flag(False, "static KV cache in generation: on CUDA transformers compiles "
+                              "the decode step (the first steps compile, minutes)")
+    # evaluation during training
+    eval_steps: int = flag(0, "every N steps log eval/accuracy (0 = never)", min=0)
+    eval_limit: int = flag(64, "held-out prompts per evaluation", min=1)
+    eval_dataset: str | None = flag(None, "held-out prompts: a .jsonl, hub id or folder",
+                                    default_help="SAT's val split, or other synthetic rows")
+    # logging and checkpoints
+    log_samples_steps: int = flag(10, "every N steps write samples.jsonl (0 = never)", min=0)
+    num_samples: int = flag(4, "samples written each time", min=1)
+    save_steps: int = flag(100, "checkpoint every N steps (0 = only at the end)", min=0)
+    save_total_limit: int = flag(3, "keep the newest K checkpoints (0 = all)", min=0)
+    resume: str | None = flag(None, "continue from the newest checkpoint in output_dir, or PATH",
+                              nargs="?", const="latest", default_help="no")
+    max_nonfinite_steps: int = flag(5, "stop after N consecutive non-finite steps", min=1)
+    report_to: str = flag("none", "also log the metrics to tensorboard (in OUTPUT_DIR/r1v) or "
+                          "wandb, through accelerate", choices=("none", "tensorboard", "wandb"))
+
+
+BENCHMARKS = ("cvbench", "sat", *hub.REFCOCO)
+
+
+@dataclass
+class EvalConfig(ModelFlags):
+    """eval.py's flags."""
+    adapter: str | None = flag(None, "a LoRA/QLoRA adapter folder (RUN_DIR/checkpoint-N)",
+                               default_help="none, the base model")
+    benchmark: str = flag("cvbench", "what to evaluate on", choices=BENCHMARKS)
+    dataset: str | None = flag(None, "hub id or local folder of the benchmark, or a .jsonl "
+                               "task of your own (same schema as training)",
+                               default_help="the benchmark's hub id, e.g. lmms-lab/RefCOCO")
+    split: str = flag("val", "split: SAT val | test; RefCOCO/+ val | testA | testB (| test); "
+                      "RefCOCOg val | test")
+    output_dir: str | None = flag(None, "where predictions.jsonl and summary.json go",
+                                  default_help="runs/eval/<model>[-<adapter>]/<benchmark>")
+    limit: int = flag(0, "evaluate only the first N items (0 = all)", min=0)
+    batch_size: int = flag(16, "prompts per generate call", min=1)
+    max_new_tokens: int = flag(1024, "most new tokens per response (paper: 1024)", min=1)
+    seed: int = flag(0, "seeds the option shuffling of SAT and JSONL rows", min=0)
+    overwrite: bool = flag(False, "discard predictions of another model/data in --output_dir")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataset and self.dataset.endswith(".jsonl"):
+            self.benchmark = "jsonl"
+        if self.output_dir is None:
+            name = Path(self.model.rstrip("/")).name
+            if self.adapter:
+                name += "-" + "-".join(Path(self.adapter).resolve().parts[-2:])
+            task = Path(self.dataset).stem if self.benchmark == "jsonl" else self.benchmark
+            task += f"-{self.split}" if self.benchmark not in ("cvbench", "jsonl") else ""
+            self.output_dir = str(Path("runs/eval") / re.sub(r"[^\w.-]+", "_", name) / task)

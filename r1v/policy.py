@@ -1,0 +1,262 @@
+"""The policy's side of a step: prompts encoded with their images, one batched generate, and
+per-token log-probs, on the `Rollout`: the one place that knows the batch and vision layout
+(micro-batches in which each sequence keeps its images, padding trimmed, the forward inputs).
+Shapes: see grpo.py."""
+
+import contextlib
+import dataclasses
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from r1v.cli import UserError
+from r1v.model import VISION_TOKENS, base_of, special_tokens
+
+
+def encode_prompts(processor, examples, group_size, device="cpu", pad_to_multiple_of=None):
+    """The prompt fields of a Rollout: B prompts left-padded, each repeated G times, each image's
+    patches once, shared by its G sequences (detail 12)."""
+    enc = processor(text=[ex["prompt"] for ex in examples], images=[ex["image"] for ex in examples],
+                    padding=True, padding_side="left", pad_to_multiple_of=pad_to_multiple_of,
+                    return_tensors="pt").to(device)
+    vision_start = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS[2])
+    grids = enc["image_grid_thw"]                                              # (images, 3)
+    patches = torch.split(enc["pixel_values"], grids.prod(-1).tolist())      # images x (p_i, D)
+    per_prompt = torch.split(torch.arange(len(grids)),
+                             (enc["input_ids"] == vision_start).sum(1).tolist())  # B x (i,)
+    slots = [i for images in per_prompt for _ in range(group_size) for i in images.tolist()]
+    text = {k: enc[k].repeat_interleave(group_size, dim=0)                     # (N, P)
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return {**text, "images": [patches[i] for i in slots], "image_grid_thw": grids[slots]}
+
+
+def answer_rollout(processor, examples, completions, device="cpu"):
+    """A Rollout of the examples with the given completion texts, each ended by EOS: for
+    supervised steps (--objective sft, the demo's format warm-up)."""
+    tok, tokens = processor.tokenizer, special_tokens(processor)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tokens.eos] for t in completions]
+    width = max(map(len, ids))
+    completion_ids = torch.tensor([x + [tokens.pad] * (width - len(x)) for x in ids])  # (N, C)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])       # (N, C)
+    return Rollout.from_encoding(encode_prompts(processor, examples, 1, device),
+                                 completion_ids.to(device), mask.to(device), tokens.vision_start)
+
+
+def vision_trainable(model):
+    return any(p.requires_grad for name, p in model.named_parameters() if ".visual." in name)
+
+
+def image_features(model, images, image_grid_thw):
+    """The vision tower's output (tokens_i, H) for each image, computed once per distinct image
+    tensor (detail 12)."""
+    base = base_of(model)
+    first = {}                               # id of an image tensor -> the first slot showing it
+    for slot, image in enumerate(images):
+        first.setdefault(id(image), slot)
+    slots = list(first.values())
+    features = base.model.get_image_features(torch.cat([images[s] for s in slots]),
+                                             image_grid_thw[slots]).pooler_output
+    found = {id(images[s]): f for s, f in zip(slots, features)}
+    return [found[id(image)] for image in images]
+
+
+def encoder_outputs(features):
+    """Image features as the forward and generate take them instead of pixels (detail 12)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+
+
+@dataclasses.dataclass
+class Rollout:
+    """The tensors of a generation batch of N sequences, prompt-major."""
+    prompt_ids: torch.Tensor         # (N, P) left-padded
+    prompt_mask: torch.Tensor        # (N, P)
+    mm_token_type_ids: torch.Tensor  # (N, P) 1 at image tokens
+    images: list                     # per image of each sequence, its patches (p_i, D), shared
+    image_grid_thw: torch.Tensor     # (images, 3) one row per image of each sequence
+    images_per_seq: torch.Tensor     # (N,)
+    completion_ids: torch.Tensor     # (N, C)
+    completion_mask: torch.Tensor    # (N, C) up to and including the first EOS (grpo.py)
+    image_features: list = None      # like `images`, the features (tokens_i, H) of a frozen tower
+    advantages: torch.Tensor = None  # (N,)
+    old_logp: torch.Tensor = None    # (N, C) the sampling policy's, when num_iterations > 1
+    ref_logp: torch.Tensor = None    # (N, C) the reference's, when beta != 0
+
+    @classmethod
+    def from_encoding(cls, enc, completion_ids, completion_mask, vision_start_id):
+        return cls(enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"],
+                   enc["images"], enc["image_grid_thw"],
+                   (enc["input_ids"] == vision_start_id).sum(1), completion_ids, completion_mask)
+
+    def __len__(self):
+        return self.prompt_ids.shape[0]
+
+    def select(self, start, end):
+        """Sequences [start, end) with the images that belong to them (detail 12)."""
+        first, last = int(self.images_per_seq[:start].sum()), int(self.images_per_seq[:end].sum())
+        rows = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        rows = {k: v[start:end] if v is not None else None for k, v in rows.items()}
+        rows.update(images=self.images[first:last], image_grid_thw=self.image_grid_thw[first:last],
+                    image_features=self.image_features and self.image_features[first:last])
+        return Rollout(**rows)
+
+    def trimmed(self):
+        """The same sequences without the columns that are padding in every row."""
+        first = int(self.prompt_mask.any(0).int().argmax())  # left padding shared by all rows
+        last = int(self.completion_mask.any(0).nonzero().max()) + 1
+
+        def cut(x):
+            return x[:, :last] if x is not None else None
+        return dataclasses.replace(
+            self, prompt_ids=self.prompt_ids[:, first:], prompt_mask=self.prompt_mask[:, first:],
+            mm_token_type_ids=self.mm_token_type_ids[:, first:],
+            completion_ids=cut(self.completion_ids), completion_mask=cut(self.completion_mask),
+            old_logp=cut(self.old_logp), ref_logp=cut(self.ref_logp))
+
+    def micro_batches(self, size):
+        """(start, micro-batch) for consecutive slices of `size` sequences, padding trimmed."""
+        for start in range(0, len(self), size):
+            yield start, self.select(start, min(start + size, len(self))).trimmed()
+
+    def model_inputs(self, features=None):
+        """Forward kwargs for prompt + completion, the images as their `features` or as pixels
+        (detail 12); mm_token_type_ids zero over the completion, for M-RoPE's positions."""
+        completion_types = torch.zeros_like(self.completion_ids)
+        images = ({"mm_encoder_outputs": encoder_outputs(features)} if features is not None
+                  else {"pixel_values": torch.cat(self.images)})
+        return {"input_ids": torch.cat([self.prompt_ids, self.completion_ids], 1),       # (N, P+C)
+                "attention_mask": torch.cat([self.prompt_mask, self.completion_mask], 1),
+                "mm_token_type_ids": torch.cat([self.mm_token_type_ids, completion_types], 1),
+                "image_grid_thw": self.image_grid_thw, **images}
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Inside: eval mode (gradient checkpointing would turn the KV cache off), no gradients;
+    then the mode the model had."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def generation_config(processor, *, max_new_tokens, greedy=False, temperature=1.0, top_k=50,
+                      top_p=1.0, static_cache=False):
+    """Every sampling field set, vision tokens suppressed (detail 10). With `static_cache`,
+    transformers compiles the decode step on CUDA (a fixed-size KV cache keeps its shapes)."""
+    from transformers import GenerationConfig
+
+    tokens = special_tokens(processor)
+    sampling = (dict(do_sample=False) if greedy else
+                dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                     min_p=None, typical_p=1.0))
+    return GenerationConfig(**sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                            num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                            eos_token_id=tokens.eos, pad_token_id=tokens.pad,
+                            suppress_tokens=list(tokens.vision), use_cache=True,  # (detail 10)
+                            cache_implementation="static" if static_cache else None)
+
+
+def generate(model, processor, examples, gen_config, group_size=1, max_prompt_length=None):
+    """ONE batched generate for the G completions of each of the B prompts (detail 11), for
+    training and evaluation. Returns the Rollout (its completion_mask is the caller's to make,
+    grpo.completion_mask) and the completion texts."""
+    # A static cache is sized by the prompt length: padding it to a multiple of 64 tokens lets
+    # the compiled decode step be reused across steps instead of recompiled for every length.
+    static = gen_config.cache_implementation == "static"
+    enc = encode_prompts(processor, examples, group_size, model.device, 64 if static else None)
+    P, longest = enc["input_ids"].shape[1], int(enc["attention_mask"].sum(1).max())
+    if max_prompt_length and longest > max_prompt_length:
+        raise UserError(f"a prompt is {longest} tokens, over --max_prompt_length "
+                        f"{max_prompt_length}; lower --max_pixels or raise --max_prompt_length")
+    with evaluating(model):
+        features = image_features(model, enc["images"], enc["image_grid_thw"])  # once per image
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             mm_token_type_ids=enc["mm_token_type_ids"],
+                             image_grid_thw=enc["image_grid_thw"],
+                             mm_encoder_outputs=encoder_outputs(features),
+                             generation_config=gen_config)             # (N, P + C) (detail 11)
+    completion_ids = out[:, P:]                                                # (N, C)
+    # After its EOS a sequence holds only padding: special tokens, which decoding skips.
+    texts = processor.batch_decode(completion_ids, skip_special_tokens=True)
+    rollout = Rollout.from_encoding(enc, completion_ids, None, special_tokens(processor)
+                                    .vision_start)
+    if not vision_trainable(model):  # the same features serve every pass of this step
+        rollout.image_features = features
+    return rollout, texts
+
+
+def completion_hidden(model, rollout):
+    """Final hidden states at the positions that predict the completion tokens (n, C, H), and
+    the output projection (V, H). `model` is a peft model or a plain Qwen2-VL."""
+    base = base_of(model)
+    features = rollout.image_features or image_features(model, rollout.images,
+                                                        rollout.image_grid_thw)
+    hidden = base.model(**rollout.model_inputs(features),
+                        use_cache=False).last_hidden_state                     # (n, P+C, H)
+    P, C = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    return hidden[:, P - 1:P + C - 1], base.lm_head.weight
+
+
+def _token_logps(hidden, weight, ids, temperature, with_stats):
+    logits = (hidden @ weight.T).float() / temperature                # (n, V) (detail 8)
+    logps = logits.log_softmax(-1)                                      # (n, V)
+    logp = torch.gather(logps, 1, ids.unsqueeze(1)).squeeze(1)          # (n,)
+    if not with_stats:
+        return logp
+    entropy = -(logps.exp() * logps).sum(-1).detach()                   # (n,) metrics only
+    return logp, entropy, (logps.argmax(-1) == ids).float()             # (n,) each
+
+
+def completion_logps(hidden, weight, completion_ids, temperature=1.0, chunk_size=1024,
+                     with_stats=False):
+    """log pi(c_t | prompt, c_<t) at the sampling temperature (detail 8), (N, C), from the final
+    hidden states (N, C, H) at the positions that PREDICT the completion tokens and the output
+    projection `weight` (V, H), `chunk_size` tokens at a time under activation checkpointing: at
+    most a (chunk_size, V) block of logits exists, forward and backward (detail 9).
+    `with_stats`: also, from the same chunks, without gradient, each token's entropy
+    -sum_v p_v log p_v and whether it is the most likely one: (logp, entropy, top1)."""
+    N, C, H = hidden.shape
+    flat_hidden, flat_ids = hidden.reshape(N * C, H), completion_ids.reshape(N * C)  # (N*C, H)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    chunks = []
+    for start in range(0, N * C, chunk_size):
+        args = (flat_hidden[start:start + chunk_size], weight,
+                flat_ids[start:start + chunk_size], temperature, with_stats)
+        chunks.append(checkpoint(_token_logps, *args, use_reentrant=False) if needs_grad
+                      else _token_logps(*args))                                # (detail 9)
+    if not with_stats:
+        return torch.cat(chunks).view(N, C)                                    # (N, C)
+    return tuple(torch.cat(parts).view(N, C) for parts in zip(*chunks))       # (N, C) each
+
+
+def token_logps(model, rollout, temperature=1.0, chunk_size=1024, with_stats=False):
+    """Per-token log-probs of the completions (n, C), with gradients (see completion_logps)."""
+    hidden, weight = completion_hidden(model, rollout)
+    return completion_logps(hidden, weight, rollout.completion_ids, temperature, chunk_size,
+                            with_stats)
+
+
+def rollout_logps(model, rollout, micro_batch_size, temperature=1.0, chunk_size=1024):
+    """Per-token log-probs (N, C) of a whole rollout, without gradients, by micro-batches."""
+    out = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
+    with evaluating(model):
+        for start, mb in rollout.micro_batches(micro_batch_size):
+            logp = token_logps(model, mb, temperature, chunk_size)             # (n, C') C' <= C
+            out[start:start + logp.shape[0], :logp.shape[1]] = logp
+    return out
+
+
+def sft_loss(model, mb, num_tokens, chunk_size=1024):
+    """The completions' negative log-likelihood as this micro-batch's share of a token mean over
+    `num_tokens` (--objective sft, the demo's warm-up), and its token means of the token accuracy
+    (the reference library's SFT name) and entropy."""
+    logp, entropy, top1 = token_logps(model, mb, 1.0, chunk_size, True)        # (n, C)
+    mask = mb.completion_mask
+    return -(logp * mask).sum() / num_tokens, {
+        "mean_token_accuracy": float((top1 * mask).sum() / mask.sum()),
+        "entropy": float((entropy * mask).sum() / mask.sum())}

@@ -1,0 +1,235 @@
+"""A dataset's rows as they are stored, read lazily and checked: their fields by task type, their
+images (opened and verified without decoding pixels), a user's JSONL file, prompt lengths."""
+
+import io
+import json
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from PIL import Image
+from qwen_vl_utils import smart_resize
+from tqdm import tqdm
+
+from r1v import grounding
+from r1v.cli import UserError
+
+PATCH_FACTOR = 28  # one LLM token per 28x28 pixels (14-pixel patches, merged 2x2)
+MIN_PIXELS, MAX_PIXELS = 3136, 401408  # the paper's: at least 4, at most 512 visual tokens
+TASK_FIELDS = {"choice": ("question", "choices", "answer"), "rec": ("phrase", "box"),
+               "ovd": ("labels", "boxes")}
+
+
+def task_type(fields):
+    """choice, rec or ovd: the task most of whose fields the row has."""
+    have = {task: sum(name in fields for name in names) for task, names in TASK_FIELDS.items()}
+    task = max(have, key=have.get)
+    if have[task]:
+        return task
+    raise ValueError("the row has none of the fields of a task: "
+                     + "; ".join(f"{t}: {list(n)}" for t, n in TASK_FIELDS.items()))
+
+
+def fitted_size(width, height, min_pixels, max_pixels):
+    """(width, height) after resizing: aspect kept, sides multiples of 28, area in [min, max]."""
+    height, width = smart_resize(height, width, PATCH_FACTOR, min_pixels, max_pixels)
+    return width, height
+
+
+def image_tokens(width, height, min_pixels, max_pixels):
+    """How many visual tokens the model sees for an image of this size."""
+    width, height = fitted_size(width, height, min_pixels, max_pixels)
+    return (width // PATCH_FACTOR) * (height // PATCH_FACTOR)
+
+
+def fit_image(image, min_pixels, max_pixels):
+    """RGB, resized as `fitted_size` says."""
+    image = image.convert("RGB")
+    size = fitted_size(image.width, image.height, min_pixels, max_pixels)
+    return image if size == image.size else image.resize(size, Image.BICUBIC)
+
+
+def _strings(values, at_least):
+    return (isinstance(values, (list, tuple)) and len(values) >= at_least
+            and all(isinstance(v, str) and v.strip() for v in values))
+
+
+def check_fields(fields, size=None):
+    """A row's fields, as its task needs them; `size` (width, height) of its image. Returns the
+    task type."""
+    task = task_type(fields)
+    missing = [k for k in TASK_FIELDS[task] if k not in fields]
+    if missing:
+        raise ValueError(f"a {task} row needs the field(s) {missing}")
+    if task == "choice":
+        if not _strings([fields["question"]], 1):
+            raise ValueError("the question is empty or not a string")
+        if not _strings(fields["choices"], 2):
+            raise ValueError(f"choices must be a list of at least 2 non-empty strings, got "
+                             f"{fields['choices']!r}")
+        if fields["answer"] not in fields["choices"]:
+            raise ValueError(f"the answer {fields['answer']!r} is not among the choices "
+                             f"{list(fields['choices'])}")
+    elif task == "rec":
+        if not _strings([fields["phrase"]], 1):
+            raise ValueError("the phrase is empty or not a string")
+        grounding.check_box(fields["box"], size)
+    else:
+        labels, boxes = fields["labels"], fields["boxes"]
+        if not isinstance(labels, list) or not _strings(labels, 1):
+            raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+        if not isinstance(boxes, list):
+            raise ValueError(f"boxes must be a list, got {boxes!r}")
+        for k, box in enumerate(boxes, 1):
+            if not isinstance(box, dict) or box.get("label") not in labels:
+                raise ValueError(f"box {k} must be {{\"bbox_2d\": [...], \"label\": ...}} with a "
+                                 f"label from {labels}, got {box!r}")
+            grounding.check_box(box.get("bbox_2d"), size, f"box {k}'s bbox_2d")
+    return task
+
+
+def open_image(value):
+    """A PIL image, not yet decoded, from what a dataset stores: PIL, raw bytes,
+    {'bytes': ...} or {'path': ...}, or a file path."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, Path)):
+        if Path(value).is_dir():
+            raise ValueError(f"image {str(value)!r} is a directory")
+        if not Path(value).is_file():
+            raise ValueError(f"image {str(value)!r} does not exist")
+    elif not isinstance(value, (bytes, bytearray)):
+        raise ValueError(f"cannot read an image from a {type(value).__name__}")
+    try:
+        return Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value)
+    except Exception as e:
+        raise ValueError(f"the image cannot be read ({e})") from e
+
+
+def decode_image(value):
+    image = open_image(value)
+    image.load()
+    return image
+
+
+def verified_size(value):
+    """(width, height) of a stored image, checked to be a readable image without decoding it."""
+    image = open_image(value)
+    if isinstance(value, Image.Image):
+        return image.size
+    try:
+        image.verify()  # reads the file through: truncated or corrupt data fails here
+    except Exception as e:
+        raise ValueError(f"the image cannot be read ({e})") from e
+    return image.size
+
+
+class Rows(torch.utils.data.Dataset):
+    """A lazy list: `make(i)` builds row i when it is used; `where(i)` names it in errors
+    (`file:line`, or `dataset row k`, 1-based)."""
+
+    def __init__(self, name, size, make, where):
+        self.name, self.size, self.make, self.where = name, size, make, where
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        try:
+            return self.make(i)
+        except UserError:  # already names its row
+            raise
+        except Exception as e:
+            raise UserError(f"{self.where(i)}: {e}") from e
+
+
+class Source(NamedTuple):
+    """A dataset's stored rows, all of one `task` type: `read(i)` gives row i's (image, fields),
+    `where(i)` names it in errors."""
+    name: str
+    size: int
+    read: Callable
+    where: Callable
+    task: str
+
+
+def load_jsonl(path, limit=0, flag="--dataset"):
+    """A user's task, one JSON object a line, `image` a path relative to the file, and
+    choice: `question`, `choices`, `answer` (one of the choices);
+    rec: `phrase`, `box` ([x1, y1, x2, y2] in original pixels);
+    ovd: `labels` (the categories asked for), `boxes` ([{"bbox_2d": [...], "label": ...}]).
+    Every row of a file has the task of the first. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: file {str(path)!r} does not exist")
+    rows, task = [], None
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            row_task = task_type(row)
+            task = task or row_task
+            if row_task != task:
+                raise ValueError(f"a {row_task} row in a file of {task} rows (one task a file)")
+            missing = [k for k in ("image",) + TASK_FIELDS[task] if k not in row]
+            if missing:
+                raise ValueError(f"missing field(s) {missing} of a {task} row")
+            if not isinstance(row["image"], str):
+                raise ValueError(f"image must be a path, got {row['image']!r}")
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{line_no}: not valid JSON ({e})") from e
+        except ValueError as e:
+            raise UserError(f"{path}:{line_no}: {e}") from e
+        rows.append((line_no, row))
+        if limit and len(rows) == limit:
+            break
+    if not rows:
+        raise UserError(f"{flag} {path}: no rows")
+    return Source(str(path), len(rows), lambda i: (path.parent / rows[i][1]["image"], rows[i][1]),
+                  lambda i: f"{path}:{rows[i][0]}", task)
+
+
+def check_rows(examples, desc="checking rows", progress=True):
+    """Every row's fields and image, before any model is loaded; a bar for large datasets
+    (with `progress`). Returns, per row, (question text, visual tokens) for the prompt-length
+    check."""
+    rows = range(len(examples))
+    shown = progress and len(rows) >= 2000
+    return [examples.check(i) for i in tqdm(rows, desc=desc, disable=not shown,
+                                            dynamic_ncols=True)]
+
+
+def check_prompt_lengths(tokenizer, rows, name, view, max_prompt_length):
+    """Every prompt's length (its image's tokens known from its size) against the limit; `rows`
+    as check_rows returns them, prompted as `view` (data.View) says."""
+    prompts = [view.prompt(q) for q, _ in rows]
+    for i, (ids, (_, visual)) in enumerate(zip(tokenizer(prompts)["input_ids"], rows)):
+        length = len(ids) - 1 + visual  # the one <|image_pad|> becomes `visual` tokens
+        if length > max_prompt_length:
+            raise UserError(f"{name}: row {i + 1}'s prompt is {length} tokens, over "
+                            f"--max_prompt_length {max_prompt_length}; lower --max_pixels or "
+                            "raise --max_prompt_length")
+
+
+def take(examples, indices, report):
+    """The examples at `indices`; a row that fails now (a file deleted mid-run) is replaced by
+    the next readable one, reported once. Returns them and how many rows were skipped."""
+    taken, skipped = [], 0
+    for i in indices:
+        for j in range(i, i + len(examples)):
+            try:
+                taken.append(examples[j % len(examples)])
+                break
+            except UserError as e:
+                skipped += 1
+                report("row", f"skipped a row that cannot be read now: {e}")
+        else:
+            raise UserError(f"{examples.name}: no row can be read any more")
+    return taken, skipped

@@ -1,0 +1,196 @@
+"""Nothing a user has is lost or mixed up: run folders, the logs in them (a torn last line is
+dropped), checkpoints written atomically, and an exact resume that keeps its settings."""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from r1v.cli import UserError
+
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "demo-base")
+
+
+def writable_dir(path, flag):
+    """Create `path` if needed; a file in the way or no permission is a one-line error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create it ({e.strerror})") from e
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} is not writable")
+    return path
+
+
+def prepare_output_dir(out, resume, overwrite, clear=True):
+    """Never reuse a run's folder silently: --resume continues it, --overwrite starts afresh
+    (`clear`: here, the first process clears it; the others only check)."""
+    held = [p.name for p in out.iterdir()
+            if p.name == "metrics.jsonl" or p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))]
+    if not held or resume:
+        return
+    held += [p.name for p in out.iterdir() if p.name in RUN_FILES and p.name not in held]
+    if not overwrite:
+        raise UserError(f"--output_dir {out} already holds a run ({', '.join(sorted(held))}); "
+                        "add --resume to continue it, --overwrite to start afresh, or choose "
+                        "another --output_dir")
+    for name in held if clear else ():
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def read_log(path):
+    """The JSON rows of one of our own JSONL logs with their line numbers, [(line, row)], and the
+    number of a last line torn by a kill mid-write (dropped), or None. Any other line that is
+    not JSON is an error naming it."""
+    lines, rows = Path(path).read_text().splitlines(), []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except ValueError as e:
+            if number == len(lines):
+                return rows, number
+            raise UserError(f"{path}:{number}: not JSON ({e})") from e
+    return rows, None
+
+
+def truncate_log(path, last_step):
+    """Keep the lines of steps up to `last_step`, so a resumed run has no gap and no duplicate
+    step (a line torn by a kill mid-write is dropped too)."""
+    if path.is_file():
+        keep = [row for _, row in read_log(path)[0]
+                if isinstance(row, dict) and row.get("step", last_step + 1) <= last_step]
+        path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+
+
+def changed(saved, current, keys):
+    """The keys among `keys` whose values differ between two records of settings (a key the
+    saved one lacks, from an older version, counts as kept)."""
+    return [k for k in keys if k in current and saved.get(k, current[k]) != current[k]]
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(out, step, model, state, config, keep=0):
+    """checkpoint-<step>/: the LoRA adapter (loadable with peft), the trainer `state` (optimizer,
+    scheduler, data order, the RNG states of every process, counters) and the `config`. Written
+    into a temporary folder and renamed when complete: a crash mid-write leaves no
+    complete-looking checkpoint. `keep` > 0: only the newest `keep` stay."""
+    final, tmp = Path(out) / f"checkpoint-{step}", Path(out) / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({**state, "step": step}, tmp / "trainer_state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in list_checkpoints(out)[:-keep] if keep > 0 else ():
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(out):
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are not)."""
+    found = [p for p in Path(out).glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_checkpoint(path):
+    """(trainer state, saved config) of a checkpoint; ValueError naming the file if unreadable."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    for name in ("trainer_state.pt", "adapter_model.safetensors", "config.json"):
+        if not (path / name).is_file():
+            raise ValueError(f"{path / name} is missing")
+    try:
+        with safe_open(path / "adapter_model.safetensors", "pt") as f:
+            f.keys()
+    except Exception as e:
+        raise ValueError(f"{path / 'adapter_model.safetensors'} cannot be read ({e})") from e
+    try:
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        saved = json.loads((path / "config.json").read_text())
+    except Exception as e:
+        raise ValueError(f"{path}: trainer_state.pt or config.json cannot be read ({e})") from e
+    return state, saved
+
+
+def find_checkpoint(out, resume):
+    """(path, state, saved config) of the checkpoint to resume from: the newest readable one in
+    `out` (unreadable ones are skipped with a warning), or the one `resume` names."""
+    if resume != "latest":
+        try:
+            return Path(resume), *read_checkpoint(resume)
+        except ValueError as e:
+            raise UserError(f"--resume {resume}: {e}") from e
+    for path in reversed(list_checkpoints(out)):
+        try:
+            return path, *read_checkpoint(path)
+        except ValueError as e:
+            tqdm.write(f"warning: skipping {path}: {e}")
+    raise UserError(f"--resume: no complete checkpoint in {out} (start afresh with --overwrite)")
+
+
+def check_resumable(path, saved, current, resumable):
+    """A resume must keep every setting the saved state depends on (all but `resumable`)."""
+    differ = changed(saved, current, [k for k in current if k not in resumable])
+    if differ:
+        changes = ", ".join(f"--{k} {saved.get(k)} -> {current[k]}" for k in differ)
+        raise UserError(f"--resume {path}: settings differ from the checkpoint's ({changes}); "
+                        "use the same ones, or a new --output_dir")
+    notes = changed(saved, current, sorted(set(resumable) - {"resume", "overwrite",
+                                                             "output_dir"}))
+    if notes:
+        tqdm.write(f"note: changed since the checkpoint: {', '.join(notes)}")
+
+
+def restore(path, state, model, optimizer, scheduler, sampler, rank=0, world=1, seed=0):
+    """Load a checkpoint's adapter and trainer state, and process `rank`'s RNG state: a resume
+    with as many processes as the run had continues it exactly. Returns its step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sampler.load_state_dict(state["sampler"])
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one
+    if len(rng) == world:
+        set_rng_state(rng[rank])
+    else:  # the weights, optimizer, schedule and prompt order still continue exactly
+        torch.manual_seed(seed + 1_000 * (rank + 1) + state["step"])  # new, per process
+        if rank == 0:
+            tqdm.write(f"note: {path} was written by {len(rng)} process(es), this run has "
+                       f"{world}: the sampling continues with new random numbers; launch "
+                       f"{len(rng)} process(es) to continue the run exactly")
+    if rank == 0:
+        tqdm.write(f"resumed from {path} at step {state['step']}")
+    return state["step"]

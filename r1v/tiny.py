@@ -1,0 +1,126 @@
+"""Tiny random Qwen2-VL and Qwen2.5-VL models with offline word-level tokenizers, saved as
+ordinary model folders: the offline demo's, the tests', the benchmark's smoke test.
+
+A tiny model has the real architecture (M-RoPE, the vision tower with its 2x2 patch merger, the
+Qwen special tokens) and goes through exactly the loading code a real checkpoint does. Its
+vocabulary is the words of the texts it is built from.
+"""
+
+import re
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForImageTextToText, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLProcessor, Qwen2VLConfig, Qwen2VLImageProcessor,
+                          Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def build_tokenizer(texts, exact=False):
+    """A word-level tokenizer whose vocabulary is every word and punctuation run in `texts`.
+    `exact`: every word, punctuation mark and whitespace run is a token and decoding joins them
+    as they were, so a JSON answer decodes to valid JSON (plain word-level decoding puts a space
+    between all tokens)."""
+    pattern = r"\s+|\w+|[^\w\s]" if exact else r"\w+|[^\w\s]+"
+    words = sorted({w for t in texts for w in re.findall(pattern, t)})
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["[UNK]"] + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    if exact:
+        core.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  padding_side="left")
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.add_tokens(TAGS)  # ordinary tokens: they survive decode(skip_special_tokens=True)
+    return tok
+
+
+def qwen2vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_section, vision,
+                   rope_theta=10000.0, vocab_size=None, config_class=Qwen2VLConfig):
+    """A Qwen2-VL config around `tok`'s special tokens (the tiny model's and the benchmark's).
+    Qwen2.5-VL's config (`config_class`) has the same fields, except in `vision`."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    eos = ids["<|endoftext|>"]
+    return config_class(
+        text_config=dict(vocab_size=vocab_size or len(tok), hidden_size=hidden,
+                         intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=32768,
+                         rope_parameters=dict(rope_type="default", rope_theta=rope_theta,
+                                              mrope_section=mrope_section),
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
+def qwen2_5_vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_section, vision,
+                      **kwargs):
+    """A Qwen2.5-VL config around `tok`'s special tokens. Its `vision` names differ from
+    Qwen2-VL's: depth, hidden_size (the tower's width), intermediate_size, num_heads,
+    out_hidden_size (the language model's width), window_size (pixels), fullatt_block_indexes."""
+    return qwen2vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_section,
+                          vision, config_class=Qwen2_5_VLConfig, **kwargs)
+
+
+# Qwen2.5-VL checkpoints are Instruct models: their prompts go through a chat template. This is
+# Qwen's, without videos and picture numbering.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_WORDS = "system You are a helpful assistant. user"  # in the vocabulary: no [UNK] in prompts
+
+
+def save_processor(folder, tok, max_pixels, family="qwen2_vl", chat_template=None):
+    """A Qwen2-VL or Qwen2.5-VL processor (14-pixel patches merged 2x2, the same image processor)
+    around `tok`, saved into `folder`."""
+    processor_class = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}[family]
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
+    processor = processor_class(image_processor=image_processor, tokenizer=tok,
+                                video_processor=Qwen2VLVideoProcessor())
+    processor.chat_template = chat_template
+    processor.save_pretrained(folder)
+
+
+def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_vl"):
+    """Build and save a tiny random Qwen2-VL, its tokenizer and processor into `folder`; with
+    family="qwen2_5_vl", a tiny Qwen2.5-VL whose processor has a chat template."""
+    instruct = family == "qwen2_5_vl"
+    tok = build_tokenizer(texts + [CHAT_WORDS] if instruct else texts, exact=instruct)
+    half = hidden // 4 // 2  # M-RoPE splits half the head dim into (time, height, width)
+    section = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
+    if family == "qwen2_vl":
+        config = qwen2vl_config(tok, hidden, 2 * hidden, layers, 4, 2, section,
+                                dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2,
+                                     mlp_ratio=2))
+    elif family == "qwen2_5_vl":
+        # 56-pixel windows (2x2 merged tokens): a larger image spans several, so the windowed
+        # block 0 and the full-attention block 1 both matter.
+        config = qwen2_5_vl_config(tok, hidden, 2 * hidden, layers, 4, 2, section,
+                                   dict(depth=2, hidden_size=32, intermediate_size=64,
+                                        num_heads=2, out_hidden_size=hidden, window_size=56,
+                                        fullatt_block_indexes=[1]))
+    else:
+        raise ValueError(f"family {family!r}: not one of qwen2_vl, qwen2_5_vl")
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    save_processor(folder, tok, max_pixels=28 * 28 * 64, family=family,
+                   chat_template=CHAT_TEMPLATE if instruct else None)
+    return folder
