@@ -129,7 +129,7 @@ class Examples(rows.Rows):
     def __init__(self, source, seed, view, shuffle=True):
         super().__init__(source.name, source.size, self.build, source.where)
         self.read, self.task_type, self.seed, self.view = source.read, source.task, seed, view
-        self.shuffle = shuffle
+        self.shuffle, self.fingerprint = shuffle, source.fingerprint
 
     def shown_as(self, view):
         """From now on, build rows with `view`'s prompt and box frame, known once the model is
@@ -149,7 +149,7 @@ class Examples(rows.Rows):
             size = rows.verified_size(image)
             if rows.check_fields(fields, size) != self.task_type:
                 raise ValueError(f"a {rows.task_type(fields)} row among {self.task_type} rows")
-        except Exception as e:
+        except rows.READ_ERRORS as e:
             raise UserError(f"{self.where(i)}: {e}") from e
         return (question_of(fields),
                 rows.image_tokens(*size, self.view.min_pixels, self.view.max_pixels))

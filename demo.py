@@ -24,7 +24,7 @@ DEMO = dict(model=MODEL, dataset="synthetic", synthetic_tasks=["background"],
             micro_batch_size=128, max_steps=200, max_completion_length=8, temperature=0.3,
             learning_rate=3e-3, lr_scheduler="constant", beta=0.04, lora_r=16, lora_alpha=32,
             train_vision=True, save_steps=100, gradient_checkpointing=False,
-            log_samples_steps=50)
+            log_samples_steps=50, cpu_threads=1)
 
 
 def synthetic_vocabulary(grounding_tasks=False):

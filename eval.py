@@ -26,15 +26,18 @@ from r1v import answers, cli, flags, grounding, hub, metrics, model, policy, row
 from r1v.cli import UserError
 
 # What produced a predictions.jsonl: a resume must match all of them.
-PROVENANCE = ("model", "adapter", "benchmark", "dataset", "split", "limit", "max_new_tokens",
-              "min_pixels", "max_pixels", "load_in_4bit", "seed", "prompt_format")
+PROVENANCE = ("model", "adapter", "merge_adapter", "benchmark", "dataset", "split", "limit",
+              "max_new_tokens", "min_pixels", "max_pixels", "load_in_4bit", "seed", "prompt_format")
 
 
-def provenance(cfg, view):
+def provenance(cfg, view, content):
+    """What made a predictions.jsonl: the settings, the prompt and frame, the data's content
+    and the adapter's weights (hashes)."""
     record = {k: getattr(cfg, k) for k in PROVENANCE}
     if cfg.adapter:
-        record["adapter"] = str(Path(cfg.adapter).resolve())
-    return {**record, "prompt": view.template, "frame": view.frame}
+        record.update(adapter=str(Path(cfg.adapter).resolve()), adapter_weights=runs.file_hash(
+            Path(cfg.adapter) / "adapter_model.safetensors"))
+    return {**record, "dataset_content": content, "prompt": view.template, "frame": view.frame}
 
 
 def eval_items(examples, task, source):
@@ -72,9 +75,9 @@ def judge(example, response):
             "gold": example["gold"]}
 
 
-def predict(model, processor, items, batch_size, max_new_tokens):
+def predict(model, processor, items, batch_size, max_new_tokens, eos_ids=None):
     """Judged rows for `items`, one greedy batched generate per `batch_size` items."""
-    gen = policy.generation_config(processor, max_new_tokens=max_new_tokens, greedy=True)
+    gen = policy.generation_config(processor, eos_ids, max_new_tokens=max_new_tokens, greedy=True)
     for start in range(0, len(items), batch_size):
         batch = [items[i] for i in range(start, min(start + batch_size, len(items)))]
         _, texts = policy.generate(model, processor, batch, gen)
@@ -90,29 +93,32 @@ def score(rows):
 
 
 def load_items(cfg):
-    """The data, read and checked before any model (CV-Bench's rows as they are used), and a
-    function that prompts and frames its items as a model's view says."""
+    """The data, read and checked before any model (CV-Bench's rows as they are used): a
+    function that prompts and frames its items as a model's view says, and its content's
+    fingerprint (a JSONL file's hash; a hub dataset's own)."""
     source = cfg.dataset or {"cvbench": hub.CVBENCH, "sat": "array/SAT",
                              **hub.REFCOCO}[cfg.benchmark]
     if cfg.benchmark == "cvbench":
         table = hub.read_cvbench(source, cfg.limit)
-        return lambda view: hub.cvbench_items(table, source, view)
+        return (lambda view: hub.cvbench_items(table, source, view)), table._fingerprint
     examples = data.load_examples(source, cfg.split, cfg.limit, cfg.seed,
                                   data.View(cfg.min_pixels, cfg.max_pixels))
     rows.check_rows(examples)
-    task, name = ("task", Path(source).name) if cfg.benchmark == "jsonl" else (cfg.split,
-                                                                              cfg.benchmark)
-    return lambda view: eval_items(examples.shown_as(view), task, name)
+    task, name = ((Path(source).stem, Path(source).name) if cfg.benchmark == "jsonl"
+                  else (cfg.split, cfg.benchmark))
+    return (lambda view: eval_items(examples.shown_as(view), task, name)), examples.fingerprint
 
 
-def load_done(out, cfg, view):
-    """Finished predictions to resume from, if they were made by the same settings."""
-    predictions, record = out / "predictions.jsonl", out / "eval_config.json"
-    if not predictions.is_file() or cfg.overwrite:
+def load_done(out, record):
+    """Finished predictions to resume from, if they were made as `record` (provenance) says."""
+    predictions, saved = out / "predictions.jsonl", out / "eval_config.json"
+    if not predictions.is_file():
         return {}
-    before = json.loads(record.read_text()) if record.is_file() else {}
-    current = provenance(cfg, view)
-    differ = [k for k in current if before.get(k) != current[k]]
+    with cli.user_error(f"{saved} cannot be read, so neither can what made {predictions}",
+                        OSError, ValueError, hint="; give another --output_dir, or --overwrite "
+                        "to discard them"):
+        before = json.loads(saved.read_text()) if saved.is_file() else {}
+    differ = [k for k in record if before.get(k) != record[k]]
     if differ:
         raise UserError(f"{predictions} holds predictions of other settings ({', '.join(differ)} "
                         "differ); give another --output_dir, or --overwrite to discard them")
@@ -120,7 +126,8 @@ def load_done(out, cfg, view):
 
 
 def load_for_eval(cfg, device):
-    """The base model and, with --adapter, the adapter merged into it (not with 4-bit)."""
+    """The base model with the adapter (--adapter): unmerged, as trained, or merged into it
+    (--merge_adapter, faster)."""
     base = model.load_base_model(cfg.model, device, cfg.load_in_4bit)
     if not cfg.adapter:
         return base.eval()
@@ -128,34 +135,39 @@ def load_for_eval(cfg, device):
 
     with model.quiet_peft():
         tuned = PeftModel.from_pretrained(base, cfg.adapter)
-    return (tuned if cfg.load_in_4bit else tuned.merge_and_unload()).eval()
+    return (tuned.merge_and_unload() if cfg.merge_adapter else tuned).eval()
 
 
 def evaluate(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {cfg.adapter}: no adapter_config.json there")
-    out = runs.writable_dir(cfg.output_dir, "--output_dir")
-    shown_as = load_items(cfg)
-    config, processor = model.load_config(cfg.model), model.load_processor(cfg.model)
-    view = data.model_view(config, processor, cfg.prompt_format, cfg.min_pixels, cfg.max_pixels)
-    done, items = load_done(out, cfg, view), shown_as(view)
-    predictions = out / "predictions.jsonl"
-    predictions.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
-    (out / "eval_config.json").write_text(json.dumps(provenance(cfg, view), indent=2))
-    todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
-    if todo:
-        tuned = load_for_eval(cfg, device)
-        subset = rows.Rows(items.name, len(todo), lambda j: items[todo[j]], items.where)
-        with open(predictions, "a") as f, tqdm(total=len(items), initial=len(items) - len(todo),
-                                               desc=cfg.benchmark, dynamic_ncols=True) as bar:
-            for row in predict(tuned, processor, subset, cfg.batch_size, cfg.max_new_tokens):
-                done[row["id"]] = row
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                bar.update(1)
-    summary = metrics.summarize(list(done.values()), cfg.benchmark)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        cfg.adapter and runs.check_adapter(cfg.adapter)
+    except ValueError as e:  # before any model loads
+        raise UserError(f"--adapter {cfg.adapter}: {e}") from e
+    with runs.locked(cfg.output_dir, "--output_dir") as out:
+        shown_as, content = load_items(cfg)
+        config, processor = model.load_config(cfg.model), model.load_processor(cfg.model)
+        view = data.model_view(config, processor, cfg.prompt_format, cfg.min_pixels,
+                               cfg.max_pixels)
+        record = provenance(cfg, view, content)
+        done, items = {} if cfg.overwrite else load_done(out, record), shown_as(view)
+        predictions = out / "predictions.jsonl"
+        runs.write_atomic(predictions, "".join(json.dumps(r) + "\n" for r in done.values()))
+        runs.write_atomic(out / "eval_config.json", json.dumps(record, indent=2))
+        todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
+        if todo:
+            tuned = load_for_eval(cfg, device)
+            subset = rows.Rows(items.name, len(todo), lambda j: items[todo[j]], items.where)
+            with open(predictions, "a") as f, tqdm(total=len(items), desc=cfg.benchmark,
+                                                   initial=len(items) - len(todo)) as bar:
+                for row in predict(tuned, processor, subset, cfg.batch_size, cfg.max_new_tokens,
+                                   model.eos_ids(cfg.model, processor)):
+                    done[row["id"]] = row
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    bar.update(1)
+        summary = metrics.summarize(list(done.values()), cfg.benchmark)
+        runs.write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     print(metrics.format_table(summary))
     print(f"predictions and summary in {out}")
     return summary

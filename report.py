@@ -21,7 +21,8 @@ from matplotlib.figure import Figure  # no pyplot: no screen and no global figur
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from r1v import cli, runs
+from r1v import cli
+from r1v import runs as runs_io
 from r1v.cli import UserError, flag
 
 PANELS = {  # metric: (title, y label), in the order drawn
@@ -60,22 +61,34 @@ def read_metrics(run):
     if not path.is_file():
         raise UserError(f"{run}: no metrics.jsonl here; give the --output_dir of a run")
     with cli.user_error(str(path), OSError, UnicodeDecodeError):  # unreadable, or not text
-        lines, torn = runs.read_log(path)
+        lines, torn = runs_io.read_log(path)
     if torn:  # the run was killed mid-write: its other lines are good
         print(f"warning: {path}:{torn}: skipping a torn last line", file=sys.stderr)
-    rows = {}
+    series, last = {}, 0
     for number, row in lines:
         if not isinstance(row, dict) or type(row.get("step")) is not int:
             raise UserError(f"{path}:{number}: no integer \"step\"")
-        rows[row["step"]] = row
-    if not rows:
+        if row["step"] <= last:
+            raise UserError(f"{path}:{number}: step {row['step']} after step {last}: the metrics "
+                            "of two runs in one file? Give each run its own --output_dir")
+        last = row["step"]
+        for key, value in row.items():
+            if key != "step" and (value := finite(value)) is not None:
+                series.setdefault(key, []).append((last, value))
+    if last == 0:
         raise UserError(f"{path}: no steps logged")
-    series = {}
-    for step in sorted(rows):
-        for key, value in rows[step].items():
-            if key != "step" and type(value) in (int, float) and math.isfinite(value):
-                series.setdefault(key, []).append((step, value))
     return {key: tuple(np.array(c) for c in zip(*pairs)) for key, pairs in series.items()}
+
+
+def finite(value):
+    """A metric's value as a finite float, else None (null, a bool, a string, an int too large
+    for a float)."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        return float(value) if math.isfinite(value) else None
+    except OverflowError:
+        return None
 
 
 def smooth(steps, values, k):
@@ -115,6 +128,10 @@ def draw(runs, names, panels, cfg):
             draw_runs(ax, [run.get(key) for run in runs], cfg)
         title, ylabel = PANELS.get(key, PHRASES_PANEL)
         ax.set(title=title, xlabel="step", ylabel=ylabel)
+        flat = key != PHRASES and not any(run[key][1].any() for run in runs if key in run)
+        ax.set_ylim(0, 1 if flat else max(ax.get_ylim()[1], 1e-3))  # every metric drawn is >= 0
+        if flat:  # an axis of its own for a line at 0, and a word
+            ax.text(0.5, 0.5, "0 at every step", transform=ax.transAxes, ha="center")
         ax.grid(alpha=0.3)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -211,16 +228,16 @@ def main(argv=None):
         raise UserError(f"no run logs any of {', '.join(PANELS)}")
     out = Path(cfg.out)
     table_path = Path(cfg.table) if cfg.table else out.with_suffix(".md")
+    kept = {(d / name).resolve() for d in run_dirs for name in runs_io.RUN_FILES}
+    for flag_name, path in (("--out", out), ("--table", table_path)):
+        if path.resolve() in kept:  # the report's inputs, and the runs' other files
+            raise UserError(f"{flag_name} {path} is a run's own file: choose another path")
+    if out.resolve() == table_path.resolve():
+        raise UserError(f"--table {table_path} is the figure's --out: choose another path")
     text = format_table(runs, names, [key for key in panels if key in PANELS])
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        draw(runs, names, panels, cfg).savefig(out, dpi=150)
-    except OSError as e:  # a folder in the way, no permission
-        raise UserError(f"--out {out}: {e}") from e
-    try:
-        table_path.write_text(text)
-    except OSError as e:
-        raise UserError(f"--table {table_path}: {e}") from e
+    figure = draw(runs, names, panels, cfg)
+    runs_io.write_atomic(out, lambda tmp: figure.savefig(tmp, dpi=150), f"--out {out}")
+    runs_io.write_atomic(table_path, text, f"--table {table_path}")
     print(text, end="")
     print(f"wrote {out} and {table_path}", file=sys.stderr)
 

@@ -47,7 +47,8 @@ class Config(RunFlags):
                           choices=("grpo", "sft"))
     num_generations: int = flag(8, "G, completions per prompt (2+ to compare)", min=2)
     prompts_per_step: int = flag(8, "B, prompts per step (N = B*G completions)", min=1)
-    micro_batch_size: int = flag(8, "sequences per forward/backward (same math)", min=1)
+    micro_batch_size: int = flag(8, "sequences per forward/backward; the loss and gradient do not "
+                                 "depend on it, but bnpo's (per micro-batch, as TRL's)", min=1)
     max_steps: int = flag(0, "steps to train; 0 = num_train_epochs over the dataset", min=0)
     num_train_epochs: float = flag(2.0, "epochs over the dataset when max_steps is 0", above=0)
     num_iterations: int = flag(1, "mu, optimizer updates per generation batch", min=1)
@@ -99,7 +100,7 @@ def parse_config(argv=None):
 RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume", "eval_steps",
              "eval_limit", "eval_dataset", "log_samples_steps", "num_samples", "save_steps",
              "save_total_limit", "max_nonfinite_steps", "micro_batch_size", "logp_chunk_size",
-             "gradient_checkpointing", "use_liger", "static_cache", "report_to"}
+             "gradient_checkpointing", "use_liger", "static_cache", "report_to", "cpu_threads"}
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -181,35 +182,37 @@ def accumulate_gradients(model, rollout, cfg, num_sequences, num_tokens):
 def update(model, optimizer, scheduler, rollout, cfg, procs):
     """--num_iterations optimizer updates on one generation batch (this process's share). A
     non-finite loss or gradient never reaches the weights: that update is skipped. Returns the
-    means over the updates of the whole batch's loss, stats and gradient norm (before
-    clipping), and how many updates were skipped."""
+    means over the updates made of the whole batch's loss, stats and gradient norm (before
+    clipping; None if every update was skipped), and how many were skipped."""
     params = [p for p in model.parameters() if p.requires_grad]
     num_sequences, num_tokens = procs.sum([len(rollout), rollout.completion_mask.sum()])
-    losses, grad_norms, stats = [], [], {}
+    made = []  # (loss, stats, grad_norm) of each update that reached the weights
     for _ in range(cfg.num_iterations):
-        loss, iteration = processes.gather_stats(procs, *accumulate_gradients(
+        loss, stats = processes.gather_stats(procs, *accumulate_gradients(
             model, rollout, cfg, num_sequences, num_tokens))
         procs.sum_gradients(params)  # the one-process gradient (detail 15)
-        for key, value in iteration.items():
-            stats[key] = stats.get(key, 0.0) + value / cfg.num_iterations
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         if np.isfinite(loss) and torch.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
-            grad_norms.append(grad_norm.item())
+            made.append((loss, stats, grad_norm.item()))
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-    return {**stats, "loss": float(np.mean(losses)),
-            "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
-            "nonfinite": cfg.num_iterations - len(grad_norms)}
+
+    def mean(values):
+        return float(np.mean(values)) if made else None
+    return {**{k: mean([s[k] for _, s, _ in made]) for k in stats},
+            "loss": mean([m[0] for m in made]), "grad_norm": mean([m[2] for m in made]),
+            "nonfinite": cfg.num_iterations - len(made)}
 
 
-def lr_factor(index, warmup, total, kind):
+def lr_factor(index, warmup, total, kind, knot=None):
     """The peak learning rate's multiplier at optimizer update `index` (0-based): linear warmup
-    from 1/warmup, then constant or a linear decay to 0 at update `total`."""
+    from 1/warmup, then constant or a linear decay to 0 at update `total`, from 1 at the end of
+    the warmup, or from `knot` (update, multiplier) for a resumed run whose horizon changed."""
     if index < warmup:
         return (index + 1) / warmup
-    return 1.0 if kind == "constant" else max(0.0, (total - index) / (total - warmup))
+    start, factor = knot or (warmup, 1.0)
+    return 1.0 if kind == "constant" else max(0.0, factor * (total - index) / (total - start))
 
 
 # --- setup --------------------------------------------------------------------------------------
@@ -225,8 +228,11 @@ class Run:
     weights: dict
     model: object = None             # the peft model: base weights frozen, LoRA trained
     processor: object = None
+    view: data.View = None           # how the model sees a row: its prompt and box frame
+    eos_ids: list = None             # every token that ends a completion
     optimizer: object = None
     scheduler: object = None
+    schedule: dict = None            # what a checkpoint keeps of the schedule
     max_steps: int = 0
     steps_per_epoch: int = 0
     start_step: int = 0
@@ -257,26 +263,40 @@ def held_out_examples(cfg, view, task_type):
 
 
 def check_inputs(cfg, procs):
-    """Everything that can be checked before any model loads, in the README's order ("When
-    things go wrong"). Returns the Run so far, the rows' prompt texts and the checkpoint."""
+    """Everything that can be checked before the run folder is touched or a model loads, in the
+    README's order ("When things go wrong"). Returns the config with its rewards resolved, the
+    Run so far, the rows' prompt texts, the checkpoint to resume and what --overwrite clears."""
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
-    runs.prepare_output_dir(out, cfg.resume, cfg.overwrite, clear=procs.main)
-    procs.accelerator.wait_for_everyone()
+    held = runs.held_run(out, cfg.resume, cfg.overwrite)
     pixels = data.View(cfg.min_pixels, cfg.max_pixels)  # the model's prompt and frame come later
     dataset = data.load_examples(cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
                                  pixels, "--dataset", cfg.synthetic_tasks, cfg.synthetic_image_size)
     prompt_rows = rows.check_rows(dataset, progress=procs.main)
-    scoring = given or rewards.load_rewards(TASK_REWARDS[dataset.task_type], cfg.reward_weights)
+    specs = cfg.reward_funcs or TASK_REWARDS[dataset.task_type]
+    scoring = given or rewards.load_rewards(specs, cfg.reward_weights)
+    cfg = dataclasses.replace(cfg, reward_funcs=list(specs),  # as config.json records them
+                              reward_weights=list(scoring[1].values()))
     held_out = held_out_examples(cfg, pixels, dataset.task_type) if cfg.eval_steps else None
     run = Run(out, dataset, data.PromptSampler(len(dataset), cfg.prompts_per_step, cfg.seed),
               held_out, *scoring)
     checkpoint = runs.find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
         runs.check_resumable(checkpoint[0], checkpoint[2], dataclasses.asdict(cfg), RESUMABLE)
+    if cfg.model != demo.MODEL:  # the demo's is built into the run folder, after these checks
+        see_as(cfg.model, run, cfg, prompt_rows)
     procs.start_tracker(cfg.report_to, dataclasses.asdict(cfg), out,
                         checkpoint[1]["step"] if checkpoint else 0)
-    return run, prompt_rows, checkpoint
+    return cfg, run, prompt_rows, checkpoint, held
+
+
+def see_as(name, run, cfg, prompt_rows):
+    """Model `name`'s processor and how it sees a row; every row's prompt length checked."""
+    run.processor = models.load_processor(name)
+    run.view = data.model_view(models.load_config(name), run.processor, cfg.prompt_format,
+                               cfg.min_pixels, cfg.max_pixels)
+    rows.check_prompt_lengths(run.processor.tokenizer, prompt_rows, run.dataset.name, run.view,
+                              cfg.max_prompt_length)
 
 
 def load_model(cfg, device, name=None):
@@ -287,36 +307,54 @@ def load_model(cfg, device, name=None):
         train_vision=cfg.train_vision, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
+def lr_schedule(optimizer, cfg, total, state=None):
+    """The learning-rate schedule over `total` updates, and what a checkpoint keeps of it. A
+    resumed run continues its checkpoint's; if its horizon changed (--max_steps), the linear
+    decay goes on from the rate it had reached to 0 at the new last update."""
+    warmup, knot = int(cfg.warmup_ratio * total), None
+    if state and "schedule" in state:
+        saved, done = state["schedule"], state["scheduler"]["last_epoch"]
+        warmup, knot = saved["warmup"], saved["knot"]
+        if saved["total"] != total and cfg.lr_scheduler == "linear" and done >= warmup:
+            knot = (done, lr_factor(done, warmup, saved["total"], "linear", knot))
+            tqdm.write(f"note: the learning rate decays from {knot[1]:.3g} x its peak to 0 over "
+                       f"the {total - done} updates left (the checkpoint's run: "
+                       f"{saved['total']} updates)")
+    schedule = {"warmup": warmup, "total": total, "knot": knot}
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: lr_factor(
+        index, warmup, total, cfg.lr_scheduler, knot)), schedule
+
+
 def setup(cfg, procs):
-    """0. The checks, then the model (its prompt, the rows' prompt lengths, a fresh LoRA adapter,
-    the same on every process), the optimizer and its schedule; on --resume, a checkpoint's."""
-    run, prompt_rows, checkpoint = check_inputs(cfg, procs)
+    """0. The checks; then --overwrite clears the old run; the model (the demo's built here),
+    its prompt, a fresh LoRA adapter (the same on every process), the optimizer and its
+    schedule; on --resume, the checkpoint's state. Returns the Run and the config it uses."""
+    cfg, run, prompt_rows, checkpoint, held = check_inputs(cfg, procs)
+    if procs.main:
+        runs.clear(run.out, held)
+    procs.accelerator.wait_for_everyone()
     set_seed(cfg.seed)  # the same on every process: the same fresh adapter
     name = cfg.model
     if cfg.model == demo.MODEL:
         with procs.accelerator.main_process_first():  # built once, then found by the others
             name = demo.build_demo_model(run.out / "demo-base", cfg.seed, cfg.synthetic_tasks,
                                          cfg.synthetic_image_size)
-    config, run.processor = models.load_config(name), models.load_processor(name)
-    view = data.model_view(config, run.processor, cfg.prompt_format, cfg.min_pixels,
-                           cfg.max_pixels)
-    run.dataset.shown_as(view)
-    run.held_out = run.held_out and evaluation.eval_items(run.held_out.shown_as(view),
+        see_as(name, run, cfg, prompt_rows)
+    run.dataset.shown_as(run.view)
+    run.held_out = run.held_out and evaluation.eval_items(run.held_out.shown_as(run.view),
                                                           "held-out", run.held_out.name)
-    rows.check_prompt_lengths(run.processor.tokenizer, prompt_rows, run.dataset.name, view,
-                              cfg.max_prompt_length)
-    run.model = load_model(cfg, procs.device, name)
+    run.model, run.eos_ids = load_model(cfg, procs.device, name), models.eos_ids(name,
+                                                                                run.processor)
     params = [p for p in run.model.parameters() if p.requires_grad]
     procs.start_equal(params)
     if procs.main:
-        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        runs.write_atomic(run.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
     run.max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * run.steps_per_epoch))
-    total = run.max_steps * cfg.num_iterations
-    warmup = int(cfg.warmup_ratio * total)
     run.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        run.optimizer, lambda index: lr_factor(index, warmup, total, cfg.lr_scheduler))
+    run.scheduler, run.schedule = lr_schedule(run.optimizer, cfg,
+                                              run.max_steps * cfg.num_iterations,
+                                              checkpoint and checkpoint[1])
     if procs.world > 1:  # each process samples its own completions
         torch.manual_seed(cfg.seed + 1_000 * procs.rank)
     if checkpoint:
@@ -325,7 +363,7 @@ def setup(cfg, procs):
         run.counters.update(checkpoint[1]["counters"])
     for log in ("metrics.jsonl", "samples.jsonl") if procs.main else ():
         runs.truncate_log(run.out / log, run.start_step)
-    return run
+    return run, cfg
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -349,15 +387,15 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
     step = row["step"]
     if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == run.max_steps):
         mine = [run.held_out[i] for i in procs.share(range(len(run.held_out)))]
-        judged = procs.gather(list(evaluation.predict(run.model, run.processor, mine,
-                                                      cfg.micro_batch_size,
-                                                      cfg.max_completion_length)))
+        judged = procs.gather(list(evaluation.predict(
+            run.model, run.processor, mine, cfg.micro_batch_size, cfg.max_completion_length,
+            run.eos_ids)))
         row["eval/mAP" if run.dataset.task_type == "ovd" else "eval/accuracy"] = \
             evaluation.score(sum(judged, []))
     if procs.main:
         metrics.write_logs(run.out, row, scored, cfg.log_samples_steps, cfg.num_samples,
                            data.gold_of)
-        procs.accelerator.log(row, step=step)
+        procs.accelerator.log({k: v for k, v in row.items() if v is not None}, step=step)
     if run.counters["consecutive_nonfinite"] >= cfg.max_nonfinite_steps:
         raise UserError(f"step {step}: {run.counters['consecutive_nonfinite']} consecutive "
                         "steps had a non-finite loss or gradient; stopping. They never reached "
@@ -367,27 +405,33 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
         return None
     rng = procs.gather(runs.rng_state())  # every process's, to resume exactly
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "rng": rng, "sampler": run.sampler.state_dict(), "counters": run.counters}
+             "schedule": run.schedule, "rng": rng, "sampler": run.sampler.state_dict(),
+             "counters": run.counters}
     return procs.main and runs.save_checkpoint(run.out, step, run.model, state,
                                                dataclasses.asdict(cfg), cfg.save_total_limit)
 
 
 def train(cfg):
-    procs = processes.Processes(cfg.output_dir, cfg.report_to, cfg.prompts_per_step)
+    started, procs = time.time(), processes.Processes(cfg.output_dir, cfg.report_to,
+                                                      cfg.prompts_per_step)
     if cfg.use_liger is None:  # on where its kernels run
         cfg = dataclasses.replace(cfg, use_liger=procs.device.type == "cuda")
-    run = setup(cfg, procs)
-    eos_ids = [models.special_tokens(run.processor).eos]
-    gen_config = policy.generation_config(
-        run.processor, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, static_cache=cfg.static_cache)
-    report, row, saved, stopping, started = metrics.report_once(), {}, None, False, time.time()
-    with processes.stop_on_sigint(procs.main) as stop, contextlib.ExitStack() as cleanup:
+    if cfg.cpu_threads and procs.device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads)
+    with contextlib.ExitStack() as cleanup:
+        if procs.main:  # one run a folder, for the run's life
+            cleanup.enter_context(runs.locked(cfg.output_dir, "--output_dir"))
+        run, cfg = setup(cfg, procs)
         cleanup.callback(procs.accelerator.end_training)  # flushes the tracker, on errors too
-        bar = tqdm(range(run.start_step + 1, run.max_steps + 1), initial=run.start_step,
-                   total=run.max_steps, desc=cfg.objective.upper(), dynamic_ncols=True,
-                   disable=not procs.main)
-        for step in bar:
+        stop = cleanup.enter_context(processes.stop_on_sigint(procs.main))
+        gen_config = policy.generation_config(
+            run.processor, run.eos_ids, max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            static_cache=cfg.static_cache)
+        report, row, saved, stopping = metrics.report_once(), {}, None, False
+        for step in tqdm(range(run.start_step + 1, run.max_steps + 1), initial=run.start_step,
+                         total=run.max_steps, desc=cfg.objective.upper(), dynamic_ncols=True,
+                         disable=not procs.main):
             t0 = time.time()
             # 1. sample B prompts; this process takes its share (detail 15)
             examples, skipped = rows.take(run.dataset, procs.share(run.sampler.next_batch()),
@@ -398,10 +442,10 @@ def train(cfg):
             else:
                 # 2. generate G completions per prompt, in one batched call
                 rollout, texts = generate(run.model, run.processor, examples, gen_config, cfg,
-                                          eos_ids)
+                                          run.eos_ids)
                 # 3. score them with the rewards; the metrics see every process's
-                scored = score(texts, examples, rollout, eos_ids, run.reward_funcs, run.weights,
-                               cfg.num_generations, metrics.on_reward_error(report))
+                scored = score(texts, examples, rollout, run.eos_ids, run.reward_funcs,
+                               run.weights, cfg.num_generations, metrics.on_reward_error(report))
                 scored = scored.gathered(procs)
                 # 4. advantages within each group (detail 1), this process's share of them
                 advantages = grpo.group_advantages(torch.tensor(scored.total, device=procs.device),
@@ -421,11 +465,8 @@ def train(cfg):
                    **stats, **counted, "learning_rate": learning_rate,
                    "step_time": time.time() - t0}
             saved = evaluate_and_save(run, cfg, procs, row, scored, stopping) or saved
-            shown = "reward" if "reward" in row else "loss"
-            bar.set_postfix({shown: f"{row[shown]:.3f}", "step_time": f"{row['step_time']:.2f}s"})
             if stopping:
                 break
-        bar.close()
         procs.accelerator.wait_for_everyone()  # the last checkpoint is complete when any ends
     return finish(run, row, saved, stopping, started, procs.main)
 

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import math
 import operator
+import os
 import sys
 import traceback
 import types
@@ -83,8 +84,9 @@ def build_parser(cls, description, presets=None):
     namespace, so the dataclass defaults (or a preset's) apply."""
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, values in (presets or {}).items():
-        shown = " ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                         for k, v in values.items())
+        shown = " ".join(f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else
+                         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in values.items())  # as they would be typed
         parser.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS,
                             help=f"preset, the flags you give win: {shown}")
     hints = typing.get_type_hints(cls)
@@ -115,12 +117,14 @@ def parse(cls, argv, description, presets=None):
 
 
 def run(main, argv=None):
-    """Call `main(argv)`; a UserError ends the program with one line `error: ...`, status 2;
+    """Call `main(argv)`; a UserError ends the program with one line `error: ...`, status 2
+    (under a launcher, printed by the first process only: every process finds the same one);
     Ctrl-C with status 130."""
     try:
         return main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, quietly
         print("stopped", file=sys.stderr)

@@ -50,6 +50,8 @@ class RunFlags(ModelFlags):
                                   "Triton kernels (norms, RoPE, SwiGLU)",
                                   default_help="on with CUDA, off on CPU")
     gradient_checkpointing: bool = flag(True, "recompute activations: less memory, more time")
+    cpu_threads: int = flag(0, "torch's threads on CPU (0: its default, one a core); the demo "
+                            "runs 1: a tiny model's threads mostly wait on each other", min=0)
     logp_chunk_size: int = flag(1024, "completion tokens per vocabulary-projection chunk", min=1)
     static_cache: bool = flag(False, "static KV cache in generation: on CUDA transformers compiles "
                               "the decode step (the first steps compile, minutes)")
@@ -90,10 +92,15 @@ class EvalConfig(ModelFlags):
     batch_size: int = flag(16, "prompts per generate call", min=1)
     max_new_tokens: int = flag(1024, "most new tokens per response (paper: 1024)", min=1)
     seed: int = flag(0, "seeds the option shuffling of SAT and JSONL rows", min=0)
+    merge_adapter: bool = flag(False, "merge the adapter into the base weights: faster "
+                               "generation, but in bf16 (GPU) small updates round away, so the "
+                               "model scored is not exactly the one trained (not with 4-bit)")
     overwrite: bool = flag(False, "discard predictions of another model/data in --output_dir")
 
     def __post_init__(self):
         super().__post_init__()
+        if self.merge_adapter and self.load_in_4bit:
+            raise UserError("--merge_adapter cannot merge into 4-bit weights (--load_in_4bit)")
         if self.dataset and self.dataset.endswith(".jsonl"):
             self.benchmark = "jsonl"
         if self.output_dir is None:

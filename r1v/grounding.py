@@ -3,6 +3,7 @@ checks, IoU and COCO AP (pycocotools)."""
 
 import contextlib
 import io
+import math
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -33,8 +34,8 @@ def scale_box(box, from_size, to_size):
 
 def check_box(box, size, what="box"):
     """4 finite numbers x1 < x2, y1 < y2, inside an image of `size` (1 pixel of slack)."""
-    if (not isinstance(box, (list, tuple)) or len(box) != 4
-            or not all(isinstance(v, (int, float)) and v == v for v in box)):
+    if (not isinstance(box, (list, tuple)) or len(box) != 4  # true is no coordinate: type()
+            or not all(type(v) in (int, float) and math.isfinite(v) for v in box)):
         raise ValueError(f"{what} must be [x1, y1, x2, y2], 4 numbers, got {box!r}")
     x1, y1, x2, y2 = box
     if not (x1 < x2 and y1 < y2):

@@ -103,7 +103,8 @@ def load_source(source, split, limit=0, flag="--dataset"):
                         f" (or RefCOCO's {lacks['RefCOCO']}); it has {ds.column_names}")
     if not rows:
         raise UserError(f"{flag} {name}: no usable rows")
-    return stored.Source(name, len(rows), read, lambda i: f"{name} row {rows[i][0] + 1}", task)
+    return stored.Source(name, len(rows), read, lambda i: f"{name} row {rows[i][0] + 1}", task,
+                         ds._fingerprint)
 
 
 def read_cvbench(source=CVBENCH, limit=0):

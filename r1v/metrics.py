@@ -4,6 +4,7 @@ the scores eval.py reports (CV-Bench's micro and official scores, Acc@IoU, mAP) 
 
 import dataclasses
 import json
+import math
 import re
 import traceback
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from r1v import answers, grounding
+from r1v import answers, cli, grounding
 
 # The "aha moment" signal: self-reflection phrases, matched case-insensitively as whole words,
 # grouped under a few keys so the reflection curve can be broken down by kind of phrase.
@@ -126,21 +127,36 @@ def on_reward_error(report):
 
 
 def write_logs(out, metrics, scored, samples_every, num_samples, gold_of):
-    """One line to metrics.jsonl and the terminal; every `samples_every` steps (and the first),
-    `num_samples` samples (prompt's question, gold by `gold_of`, completion, rewards)."""
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    step = metrics["step"]
+    """One line to metrics.jsonl (a number that is not finite as null: JSON has no NaN), a short
+    one to the terminal; every `samples_every` steps (and the first), `num_samples` samples
+    (the prompt's question, the gold by `gold_of`, the completion, its rewards)."""
+    row = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+           for k, v in metrics.items()}
+    step, samples = row["step"], []
     if scored and samples_every and (step % samples_every == 0 or step == 1):
-        with open(out / "samples.jsonl", "a") as f:
-            for i in range(min(num_samples, len(scored.texts))):
-                example = scored.examples[i]
-                f.write(json.dumps({"step": step, "question": example["question"],
-                                    "answer": gold_of(example), "completion": scored.texts[i],
-                                    "rewards": {n: v[i] for n, v in scored.parts.items()}})
-                        + "\n")
-    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in metrics.items()))
+        samples = [{"step": step, "question": scored.examples[i]["question"],
+                    "answer": gold_of(scored.examples[i]), "completion": scored.texts[i],
+                    "rewards": {n: v[i] for n, v in scored.parts.items()}}
+                   for i in range(min(num_samples, len(scored.texts)))]
+    for name, lines in (("metrics.jsonl", [row]), ("samples.jsonl", samples)):
+        path = out / name
+        with cli.user_error(f"cannot write {path}", OSError, hint="; the checkpoints are "
+                            "intact: free space and continue with --resume"), open(path, "a") as f:
+            f.writelines(json.dumps(line, allow_nan=False) + "\n" for line in lines)
+    tqdm.write(short_line(row))
+
+
+WATCHED = {"reward": "reward", "rewards/accuracy/mean": "accuracy", "rewards/iou/mean": "iou",
+           "rewards/detection/mean": "detection", "kl": "kl", "loss": "loss",
+           "mean_token_accuracy": "token_accuracy", "grad_norm": "grad_norm",
+           "completions/mean_length": "length", "eval/accuracy": "eval/accuracy",
+           "eval/mAP": "eval/mAP", "step_time": "seconds"}
+
+
+def short_line(row):
+    """The few numbers a person watches, of a metrics row (all of them: metrics.jsonl)."""
+    return f"step {row['step']}: " + " ".join(f"{name}={row[k]:.4g}" for k, name in WATCHED.items()
+                                              if isinstance(row.get(k), (int, float)))
 
 
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
@@ -175,19 +191,22 @@ def score_cvbench(rows):
 
 
 def summarize(rows, benchmark):
-    """summary.json: the item count, unparsed answers and the scores of the rows' task."""
+    """summary.json: the item count, unparsed answers and the scores of the rows' task, with
+    their units (multiple choice: percent)."""
     summary = {"n": len(rows),
                "mean_response_chars": sum(len(r["response"]) for r in rows) / max(1, len(rows))}
     task, n = (rows[0]["task_type"] if rows else "choice"), max(1, len(rows))
     if task == "rec":
         return {**summary, "unparsed": sum(r["box"] is None for r in rows),
                 "scores": {"Acc@0.5": percent_correct(rows),
-                           "mean_IoU": 100 * sum(r["iou"] for r in rows) / n}}
+                           "mean_IoU": 100 * sum(r["iou"] for r in rows) / n},
+                "units": {"Acc@0.5": "%", "mean_IoU": "% (IoU x 100)"}}
     if task == "ovd":
         return {**summary, "unparsed": sum(r["detections"] is None for r in rows),
                 "scores": {"mAP": detection_map(rows),
                            "boxes_per_image": sum(len(r["detections"] or []) for r in rows) / n,
-                           "gold_per_image": sum(len(r["gold"]) for r in rows) / n}}
+                           "gold_per_image": sum(len(r["gold"]) for r in rows) / n},
+                "units": {"mAP": "%", "boxes_per_image": "boxes", "gold_per_image": "boxes"}}
     lenient = [{**r, "correct": r["correct_lenient"]} for r in rows]
     scores = score_cvbench if benchmark == "cvbench" else lambda x: {"micro": percent_correct(x)}
     return {**summary, "unparsed": sum(r["choice"] is None for r in rows),
@@ -201,11 +220,12 @@ def format_table(summary):
     if "scores" in summary:
         scores = summary["scores"]
         return ("".join(f"{k:>16}" for k in scores) + "\n"
+                + "".join(f"{summary['units'][k]:>16}" for k in scores) + "\n"
                 + "".join(f"{v:>16.2f}" for v in scores.values())
                 + f"\nitems {summary['n']}, no parsable answer: {summary['unparsed']}, mean "
                 f"response length {summary['mean_response_chars']:.0f} chars")
     keys = list(summary["strict"])
-    lines = [f"{'parser':<9}" + "".join(f"{k:>10}" for k in keys)]
+    lines = [f"{'parser':<9}" + "".join(f"{k:>10}" for k in keys) + "   (percent)"]
     for parser in ("strict", "lenient"):
         lines.append(f"{parser:<9}" + "".join(f"{summary[parser][k]:>10.2f}" for k in keys))
     lines.append(f"items {summary['n']}, no parsable <answer>: {summary['unparsed']} (lenient: "

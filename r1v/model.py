@@ -56,6 +56,19 @@ def load_config(name, flag="--model"):
     return config
 
 
+def eos_ids(name, processor):
+    """Every token id that ends a completion: the tokenizer's EOS, and those the checkpoint's
+    generation config lists (an Instruct model ends on <|im_end|> and <|endoftext|>)."""
+    from transformers import GenerationConfig
+
+    try:
+        listed = GenerationConfig.from_pretrained(name).eos_token_id
+    except OSError:  # the checkpoint has no generation_config.json
+        listed = None
+    listed = [] if listed is None else listed if isinstance(listed, list) else [listed]
+    return sorted({processor.tokenizer.eos_token_id, *listed})
+
+
 def load_processor(name, flag="--model"):
     from transformers import AutoProcessor
 
@@ -87,6 +100,9 @@ def load_base_model(name, device, load_in_4bit=False, flag="--model"):
     with user_error(f"{flag} {name!r}: cannot load it", OSError):
         model = transformers.AutoModelForImageTextToText.from_pretrained(
             name, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    # Sampling is what generation_config (r1v/policy.py) says, nothing else: transformers fills
+    # the fields left unset from the checkpoint's own (VisualThinker's has top_k 1, REFERENCE 5).
+    model.generation_config = transformers.GenerationConfig()
     if load_in_4bit and device.type == "cpu":
         # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPUs on the first no-grad
         # forward (our generate) and keeps them so; the repacked path then fails in the training

@@ -144,19 +144,20 @@ def evaluating(model):
         model.train(was_training)
 
 
-def generation_config(processor, *, max_new_tokens, greedy=False, temperature=1.0, top_k=50,
-                      top_p=1.0, static_cache=False):
-    """Every sampling field set, vision tokens suppressed (detail 10). With `static_cache`,
-    transformers compiles the decode step on CUDA (a fixed-size KV cache keeps its shapes)."""
+def generation_config(processor, eos_ids=None, *, max_new_tokens, greedy=False,
+                      temperature=1.0, top_k=50, top_p=1.0, static_cache=False):
+    """Every sampling field set, top_k 0 = off, vision tokens suppressed (detail 10); generation
+    ends at any of `eos_ids` (default: the tokenizer's EOS). With `static_cache`, transformers
+    compiles the decode step on CUDA (a fixed-size KV cache keeps its shapes)."""
     from transformers import GenerationConfig
 
     tokens = special_tokens(processor)
     sampling = (dict(do_sample=False) if greedy else
-                dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                     min_p=None, typical_p=1.0))
+                dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                     typical_p=1.0))
     return GenerationConfig(**sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
                             num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                            eos_token_id=tokens.eos, pad_token_id=tokens.pad,
+                            eos_token_id=list(eos_ids or [tokens.eos]), pad_token_id=tokens.pad,
                             suppress_tokens=list(tokens.vision), use_cache=True,  # (detail 10)
                             cache_implementation="static" if static_cache else None)
 

@@ -1,6 +1,7 @@
 """A dataset's rows as they are stored, read lazily and checked: their fields by task type, their
 images (opened and verified without decoding pixels), a user's JSONL file, prompt lengths."""
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -16,6 +17,8 @@ from r1v.cli import UserError
 
 PATCH_FACTOR = 28  # one LLM token per 28x28 pixels (14-pixel patches, merged 2x2)
 MIN_PIXELS, MAX_PIXELS = 3136, 401408  # the paper's: at least 4, at most 512 visual tokens
+# What reading a bad file raises: OSError, and ValueError (the image library's errors become one).
+READ_ERRORS = (OSError, ValueError)
 TASK_FIELDS = {"choice": ("question", "choices", "answer"), "rec": ("phrase", "box"),
                "ovd": ("labels", "boxes")}
 
@@ -110,7 +113,10 @@ def open_image(value):
 
 def decode_image(value):
     image = open_image(value)
-    image.load()
+    try:
+        image.load()
+    except Exception as e:  # the image library's errors, a truncated file's among them
+        raise ValueError(f"the image cannot be read ({e})") from e
     return image
 
 
@@ -143,18 +149,19 @@ class Rows(torch.utils.data.Dataset):
             return self.make(i)
         except UserError:  # already names its row
             raise
-        except Exception as e:
+        except READ_ERRORS as e:  # what a bad file raises; anything else is a bug, shown whole
             raise UserError(f"{self.where(i)}: {e}") from e
 
 
 class Source(NamedTuple):
     """A dataset's stored rows, all of one `task` type: `read(i)` gives row i's (image, fields),
-    `where(i)` names it in errors."""
+    `where(i)` names it in errors; `fingerprint` says what the rows hold (a file's hash)."""
     name: str
     size: int
     read: Callable
     where: Callable
     task: str
+    fingerprint: str = ""
 
 
 def load_jsonl(path, limit=0, flag="--dataset"):
@@ -166,8 +173,14 @@ def load_jsonl(path, limit=0, flag="--dataset"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag}: file {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     rows, task = [], None
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(text.split("\n"), 1):  # only \n ends a line (U+2028...)
         if not line.strip():
             continue
         try:
@@ -193,7 +206,7 @@ def load_jsonl(path, limit=0, flag="--dataset"):
     if not rows:
         raise UserError(f"{flag} {path}: no rows")
     return Source(str(path), len(rows), lambda i: (path.parent / rows[i][1]["image"], rows[i][1]),
-                  lambda i: f"{path}:{rows[i][0]}", task)
+                  lambda i: f"{path}:{rows[i][0]}", task, hashlib.sha256(raw).hexdigest())
 
 
 def check_rows(examples, desc="checking rows", progress=True):

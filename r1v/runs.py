@@ -1,6 +1,9 @@
 """Nothing a user has is lost or mixed up: run folders, the logs in them (a torn last line is
 dropped), checkpoints written atomically, and an exact resume that keeps its settings."""
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import random
@@ -31,35 +34,81 @@ def writable_dir(path, flag):
     return path
 
 
-def prepare_output_dir(out, resume, overwrite, clear=True):
-    """Never reuse a run's folder silently: --resume continues it, --overwrite starts afresh
-    (`clear`: here, the first process clears it; the others only check)."""
+def held_run(out, resume, overwrite):
+    """The files of the run `out` already holds, which --overwrite clears once every check has
+    passed (none with --resume, which continues it). A folder that holds a run is never reused
+    silently: without either flag it is an error."""
     held = [p.name for p in out.iterdir()
             if p.name == "metrics.jsonl" or p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))]
     if not held or resume:
-        return
+        return []
     held += [p.name for p in out.iterdir() if p.name in RUN_FILES and p.name not in held]
     if not overwrite:
         raise UserError(f"--output_dir {out} already holds a run ({', '.join(sorted(held))}); "
                         "add --resume to continue it, --overwrite to start afresh, or choose "
                         "another --output_dir")
-    for name in held if clear else ():
+    return sorted(held)
+
+
+def clear(out, names):
+    for name in names:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextlib.contextmanager
+def locked(folder, flag):
+    """`folder` (created if needed) is this process's alone while inside: a run or evaluation
+    started into it meanwhile is a one-line error naming the holder. The lock is the kernel's
+    (flock), so a process that dies holds nothing; its pid, left in the file, is noted."""
+    folder = writable_dir(folder, flag)
+    with open(folder / ".lock", "a+") as f:
+        f.seek(0)
+        holder = f.read().strip()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise UserError(f"{flag} {folder} is in use by process {holder or '?'}: wait for it "
+                            f"to end, or choose another {flag}") from e
+        if holder:
+            tqdm.write(f"note: {folder} was locked by process {holder}, which has ended")
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield folder
+        finally:
+            f.truncate(0)
+
+
+def write_atomic(path, content, what=None):
+    """`content` (text, or a function that writes a given path) into `path` through a temporary
+    file and a rename: a kill or a full disk leaves the old file whole, never a torn one. An
+    error is one line naming `what` (default: the path)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")  # the same suffix: a figure's format
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(content) if isinstance(content, str) else content(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{what or path}: cannot write it ({e.strerror or e}); what was there "
+                        "is kept") from e
 
 
 def read_log(path):
     """The JSON rows of one of our own JSONL logs with their line numbers, [(line, row)], and the
     number of a last line torn by a kill mid-write (dropped), or None. Any other line that is
     not JSON is an error naming it."""
-    lines, rows = Path(path).read_text().splitlines(), []
+    lines, rows = Path(path).read_text().split("\n"), []  # only \n ends a line (U+2028...)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rows.append((number, json.loads(line)))
         except ValueError as e:
-            if number == len(lines):
+            if number == len(lines) or (number == len(lines) - 1 and not lines[-1]):
                 return rows, number
             raise UserError(f"{path}:{number}: not JSON ({e})") from e
     return rows, None
@@ -101,13 +150,22 @@ def set_rng_state(state):
 def save_checkpoint(out, step, model, state, config, keep=0):
     """checkpoint-<step>/: the LoRA adapter (loadable with peft), the trainer `state` (optimizer,
     scheduler, data order, the RNG states of every process, counters) and the `config`. Written
-    into a temporary folder and renamed when complete: a crash mid-write leaves no
+    into a temporary folder and renamed when complete: a crash or a full disk mid-write leaves no
     complete-looking checkpoint. `keep` > 0: only the newest `keep` stay."""
     final, tmp = Path(out) / f"checkpoint-{step}", Path(out) / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({**state, "step": step}, tmp / "trainer_state.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    try:
+        model.save_pretrained(tmp)
+        torch.save({**state, "step": step}, tmp / "trainer_state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    except (OSError, RuntimeError) as e:  # torch.save says a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(out)
+        free = shutil.disk_usage(out).free / 2**20
+        raise UserError(f"step {step}: cannot write {final} ({getattr(e, 'strerror', None) or e}; "
+                        f"{free:.0f} MiB free there). Kept: metrics.jsonl up to step {step}, "
+                        f"{kept[-1] if kept else 'no checkpoint'}; free space and continue "
+                        "with --resume") from e
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(out)[:-keep] if keep > 0 else ():
@@ -122,19 +180,40 @@ def list_checkpoints(out):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def file_hash(path):
+    """The SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_adapter(folder):
+    """ValueError unless `folder` holds a whole peft adapter: its config, and weights whose file
+    is as long as its header says (a truncated copy keeps the header, not all the tensors)."""
+    path = Path(folder) / "adapter_model.safetensors"
+    for needed in (Path(folder) / "adapter_config.json", path):
+        if not needed.is_file():
+            raise ValueError(f"{needed} is missing")
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] + [0])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # not a safetensors file
+        raise ValueError(f"{path} cannot be read ({e})") from e
+    if path.stat().st_size < 8 + size + end:
+        raise ValueError(f"{path} is truncated ({path.stat().st_size} bytes of {8 + size + end})")
+
+
 def read_checkpoint(path):
     """(trainer state, saved config) of a checkpoint; ValueError naming the file if unreadable."""
-    from safetensors import safe_open
-
     path = Path(path)
-    for name in ("trainer_state.pt", "adapter_model.safetensors", "config.json"):
+    for name in ("trainer_state.pt", "config.json"):
         if not (path / name).is_file():
             raise ValueError(f"{path / name} is missing")
-    try:
-        with safe_open(path / "adapter_model.safetensors", "pt") as f:
-            f.keys()
-    except Exception as e:
-        raise ValueError(f"{path / 'adapter_model.safetensors'} cannot be read ({e})") from e
+    check_adapter(path)
     try:
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         saved = json.loads((path / "config.json").read_text())

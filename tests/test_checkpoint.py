@@ -175,6 +175,9 @@ def test_a_non_finite_loss_is_skipped_and_counted(
     assert [m["nonfinite_steps"] for m in rows] == [
         0, 2, 2,
     ]  # both updates of step 2 skipped, then training goes on
+    # no update of step 2 was made: no loss, no gradient norm (null: JSON has no NaN)
+    assert rows[1]["loss"] is None and rows[1]["grad_norm"] is None and rows[2]["loss"] is not None
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
     assert all(
         torch.isfinite(p).all()
         for p in torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)[
@@ -236,3 +239,69 @@ def test_qlora_trains_on_cpu_and_its_adapter_loads_back(tmp_path, tiny_model_dir
     base = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir)
     loaded = PeftModel.from_pretrained(base, out / "checkpoint-2")
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in loaded.named_parameters())
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(
+    tmp_path, tiny_model_dir, reward_file, monkeypatch
+):
+    real, calls = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):  # what torch.save raises when the disk is full
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"step 2: cannot write .*checkpoint-2 \(.*enforce fail"
+                       r".*MiB free there\)\. Kept: metrics.jsonl up to step 2, .*checkpoint-1;"):
+        train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3,
+                                       save_steps=1))
+    assert [p.name for p in runs.list_checkpoints(out)] == ["checkpoint-1"]
+    assert not list(out.glob(".tmp-*")) and [m["step"] for m in metrics(out)] == [1, 2]
+    monkeypatch.setattr(torch, "save", real)  # space freed
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3, save_steps=1,
+                                   resume=True))
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_a_resume_with_a_new_horizon_decays_on_from_where_the_rate_was(
+    tmp_path, tiny_model_dir, reward_file, capsys
+):
+    """6 steps of 2 updates (12), resumed at step 3 with --max_steps 12 (24): the rate goes on
+    from its value, linearly to 0 at the new end, never back up (detail 3 of the schedule)."""
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=6, save_steps=3))
+    first = [m["learning_rate"] for m in metrics(out)]
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=12, save_steps=3,
+                                   resume=out / "checkpoint-3"))
+    rates = [m["learning_rate"] for m in metrics(out)]
+    peak = 1e-2
+    assert rates[:4] == pytest.approx(first[:4])  # step 4 uses update 6: 1 - 6/12 of the peak
+    assert rates[3:] == pytest.approx([peak * 0.5 * (24 - u) / 18 for u in range(6, 24, 2)])
+    assert "decays from 0.5 x its peak to 0 over the 18 updates left" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, tiny_model_dir, reward_file):
+    out = tmp_path / "run"
+    first = start(run_args(tiny_model_dir, out, reward_file, max_steps=500, save_steps=0))
+    wait_for(lambda: (out / "metrics.jsonl").is_file()
+             and (out / "metrics.jsonl").read_text().count("\n") >= 1, first)
+    second = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"),
+         *run_args(tiny_model_dir, out, reward_file, max_steps=2, overwrite=True)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+        f"error: --output_dir {out} is in use by process {first.pid}: wait for it to end, or "
+        "choose another --output_dir"]
+    assert first.poll() is None  # the first run goes on, its files untouched
+    first.kill()
+    first.wait()
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"),
+         *run_args(tiny_model_dir, out, reward_file, max_steps=2, overwrite=True)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"locked by process {first.pid}, which has ended" in resumed.stdout

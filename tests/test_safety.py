@@ -2,13 +2,17 @@
 the settings its state depends on and steps past a corrupt checkpoint, a row that breaks
 mid-run is skipped and counted, and eval.py never reports one model's results as another's."""
 
+import hashlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 import eval as evaluation
 import train
 from r1v import rows as stored
+from r1v import runs
 from r1v.cli import UserError
 from test_errors import write_task
 
@@ -135,3 +139,87 @@ def test_eval_scores_a_jsonl_task_and_refuses_other_settings_predictions(tmp_pat
         )
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 6  # kept
     assert run("--max_new_tokens", "4", "--overwrite")["n"] == 6
+
+
+def checksums(folder):
+    """Every file under `folder` (the lock's aside) and the hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_overwrite_clears_nothing_before_every_check_has_passed(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    train.train(train.parse_config(args(tiny_model_dir, out)))
+    before = checksums(out)
+    bad = write_task(tmp_path / "task", changes={3: {"answer": "green"}})
+    with pytest.raises(UserError, match="task.jsonl:3: the answer 'green'"):
+        train.train(train.parse_config(args(tiny_model_dir, out, "--overwrite", "--dataset", bad,
+                                            "--prompts_per_step", "2")))
+    assert checksums(out) == before  # the finished run is all there
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_holder_is_noted(tmp_path, tiny_model_dir,
+                                                                capsys):
+    out = tmp_path / "run"
+    with runs.locked(out, "--output_dir"):  # as another run or evaluation writing there
+        with pytest.raises(UserError, match=f"{out} is in use by process {os.getpid()}"):
+            train.train(train.parse_config(args(tiny_model_dir, out)))
+        with pytest.raises(UserError, match=f"{out} is in use by process {os.getpid()}"):
+            evaluation.main(["--model", tiny_model_dir, "--output_dir", str(out), "--dataset",
+                             write_task(tmp_path / "task")])
+    assert not (out / "metrics.jsonl").exists()
+    (out / ".lock").write_text("999999")  # killed: its pid stays, the kernel freed its lock
+    train.train(train.parse_config(args(tiny_model_dir, out)))
+    assert "locked by process 999999, which has ended" in capsys.readouterr().out
+    assert steps(out) == [1, 2]
+
+
+def test_config_json_records_the_rewards_the_run_used(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    train.train(train.parse_config(args(tiny_model_dir, out)))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["reward_funcs"] == ["format", "accuracy"] and saved["reward_weights"] == [1, 1]
+    # a resume compares the same resolved settings: the defaults resume, weights given too
+    train.train(train.parse_config(args(tiny_model_dir, out, "--resume", "--max_steps", "3",
+                                        "--reward_weights", "1", "1")))
+    assert steps(out) == [1, 2, 3]
+
+
+def test_a_bug_while_reading_a_row_is_not_taken_for_a_bad_row(tmp_path, tiny_model_dir,
+                                                               monkeypatch):
+    task = write_task(tmp_path / "task", rows=4)
+    real = stored.decode_image
+
+    def buggy(value):
+        if str(value).endswith("3.png"):
+            raise TypeError("a bug in the reading code")
+        return real(value)
+
+    monkeypatch.setattr(stored, "decode_image", buggy)
+    with pytest.raises(TypeError, match="a bug in the reading code"):  # not skipped as data
+        train.train(train.parse_config(args(tiny_model_dir, tmp_path / "run", "--dataset", task,
+                                            "--prompts_per_step", "4")))
+
+
+def test_eval_refuses_to_resume_predictions_of_edited_data_or_an_unreadable_record(
+        tmp_path, tiny_model_dir):
+    task = write_task(tmp_path / "task")
+    named = tmp_path / "task" / "colours.jsonl"
+    named.write_text(Path(task).read_text())
+    out = tmp_path / "eval"
+    argv = ["--model", tiny_model_dir, "--dataset", str(named), "--output_dir", str(out),
+            "--max_new_tokens", "3"]
+    evaluation.main(argv)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} == {"colours"}  # the task's name, not a placeholder
+    kept = checksums(out)
+    lines = named.read_text().splitlines()
+    lines[1] = lines[1].replace('"answer": "red"', '"answer": "blue"')  # a gold answer edited
+    named.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="dataset_content differ"):
+        evaluation.main(argv)
+    (out / "eval_config.json").write_text('{"model": "x"')  # torn by a kill mid-write
+    with pytest.raises(UserError, match="eval_config.json cannot be read"):
+        evaluation.main(argv)
+    assert checksums(out)["predictions.jsonl"] == kept["predictions.jsonl"]
+    assert evaluation.main(argv + ["--overwrite"])["n"] == 6

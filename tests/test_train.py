@@ -22,6 +22,10 @@ def test_help_explains_every_flag():
     ).stdout
     for f in train.dataclasses.fields(train.Config):
         assert f"--{f.name}" in out
+    preset = " ".join(out.split("preset, the flags you give win:")[1].split("--model MODEL")[0]
+                      .split())
+    assert "--train_vision --save_steps" in preset  # a flag as it is typed: no "True"
+    assert "--no-gradient_checkpointing" in preset and "True" not in preset
 
 
 def test_demo_defaults_yield_to_given_flags():
