@@ -27,7 +27,8 @@ from r1v.cli import UserError
 
 # What produced a predictions.jsonl: a resume must match all of them.
 PROVENANCE = ("model", "adapter", "merge_adapter", "benchmark", "dataset", "split", "limit",
-              "max_new_tokens", "min_pixels", "max_pixels", "load_in_4bit", "seed", "prompt_format")
+              "max_new_tokens", "min_pixels", "max_pixels", "load_in_4bit", "seed", "prompt_format",
+              "synthetic_tasks", "synthetic_image_size")
 
 
 def provenance(cfg, view, content):
@@ -101,11 +102,14 @@ def load_items(cfg):
     if cfg.benchmark == "cvbench":
         table = hub.read_cvbench(source, cfg.limit)
         return (lambda view: hub.cvbench_items(table, source, view)), table._fingerprint
-    examples = data.load_examples(source, cfg.split, cfg.limit, cfg.seed,
-                                  data.View(cfg.min_pixels, cfg.max_pixels))
+    synthetic = cfg.benchmark == "synthetic"  # the demo's rows: 200 unless --limit says
+    examples = data.load_examples(source, cfg.split, cfg.limit or 200 * synthetic, cfg.seed,
+                                  data.View(cfg.min_pixels, cfg.max_pixels), "--dataset",
+                                  cfg.synthetic_tasks, cfg.synthetic_image_size)
     rows.check_rows(examples)
-    task, name = ((Path(source).stem, Path(source).name) if cfg.benchmark == "jsonl"
-                  else (cfg.split, cfg.benchmark))
+    task, name = ((Path(source).stem, Path(source).name) if cfg.benchmark == "jsonl" else
+                  (",".join(cfg.synthetic_tasks), examples.name) if synthetic else
+                  (cfg.split, cfg.benchmark))
     return (lambda view: eval_items(examples.shown_as(view), task, name)), examples.fingerprint
 
 

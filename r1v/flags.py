@@ -32,16 +32,21 @@ class ModelFlags:
 
 
 @dataclass
-class RunFlags(ModelFlags):
+class SyntheticFlags:
+    """The offline demo's rows (--dataset synthetic), in train.py and eval.py."""
+    synthetic_tasks: list[str] = flag(list(synthetic.CHOICE_TASKS), "synthetic question types: "
+                                      f"{', '.join(synthetic.CHOICE_TASKS)} (multiple choice), "
+                                      "locate (rec) or detect (ovd)")
+    synthetic_image_size: int = flag(112, "side of synthetic images (28 pixels = 1 token)", min=1)
+
+
+@dataclass
+class RunFlags(ModelFlags, SyntheticFlags):
     # the data, and where the run goes
     dataset: str = flag("array/SAT", "hub id or folder in SAT's or RefCOCO's schema, a .jsonl "
                         "(choice, rec or ovd rows: README), or 'synthetic'")
     dataset_split: str = flag("train", "split of a hub or folder dataset")
     dataset_limit: int = flag(15000, "first N rows (0 = all); synthetic: rows to make", min=0)
-    synthetic_tasks: list[str] = flag(list(synthetic.CHOICE_TASKS), "synthetic question types: "
-                                      f"{', '.join(synthetic.CHOICE_TASKS)} (multiple choice), "
-                                      "locate (rec) or detect (ovd)")
-    synthetic_image_size: int = flag(112, "side of synthetic images (28 pixels = 1 token)", min=1)
     output_dir: str = flag("runs/r1zero", "metrics, samples, config and checkpoints go here")
     overwrite: bool = flag(False, "start afresh in an --output_dir that holds a run")
     seed: int = flag(42, "seeds data order, option shuffling, sampling and LoRA init", min=0)
@@ -76,13 +81,14 @@ BENCHMARKS = ("cvbench", "sat", *hub.REFCOCO)
 
 
 @dataclass
-class EvalConfig(ModelFlags):
+class EvalConfig(ModelFlags, SyntheticFlags):
     """eval.py's flags."""
     adapter: str | None = flag(None, "a LoRA/QLoRA adapter folder (RUN_DIR/checkpoint-N)",
                                default_help="none, the base model")
     benchmark: str = flag("cvbench", "what to evaluate on", choices=BENCHMARKS)
-    dataset: str | None = flag(None, "hub id or local folder of the benchmark, or a .jsonl "
-                               "task of your own (same schema as training)",
+    dataset: str | None = flag(None, "hub id or local folder of the benchmark, a .jsonl task "
+                               "of your own (same schema as training), or 'synthetic' (the "
+                               "demo's: --synthetic_tasks, --synthetic_image_size, --seed)",
                                default_help="the benchmark's hub id, e.g. lmms-lab/RefCOCO")
     split: str = flag("val", "split: SAT val | test; RefCOCO/+ val | testA | testB (| test); "
                       "RefCOCOg val | test")
@@ -101,12 +107,12 @@ class EvalConfig(ModelFlags):
         super().__post_init__()
         if self.merge_adapter and self.load_in_4bit:
             raise UserError("--merge_adapter cannot merge into 4-bit weights (--load_in_4bit)")
-        if self.dataset and self.dataset.endswith(".jsonl"):
-            self.benchmark = "jsonl"
+        if self.dataset and (self.dataset.endswith(".jsonl") or self.dataset == "synthetic"):
+            self.benchmark = "jsonl" if self.dataset.endswith(".jsonl") else "synthetic"
         if self.output_dir is None:
             name = Path(self.model.rstrip("/")).name
             if self.adapter:
                 name += "-" + "-".join(Path(self.adapter).resolve().parts[-2:])
             task = Path(self.dataset).stem if self.benchmark == "jsonl" else self.benchmark
-            task += f"-{self.split}" if self.benchmark not in ("cvbench", "jsonl") else ""
+            task += f"-{self.split}" if self.benchmark in ("sat", *hub.REFCOCO) else ""
             self.output_dir = str(Path("runs/eval") / re.sub(r"[^\w.-]+", "_", name) / task)

@@ -224,3 +224,14 @@ def test_an_adapter_is_scored_as_trained_unless_merging_is_asked_for(tmp_path, t
     merged = evaluation.load_for_eval(flags.EvalConfig(**args, merge_adapter=True), cpu)
     assert not isinstance(merged, PeftModel)
     assert "merge_adapter" in evaluation.PROVENANCE  # predictions of one never resume the other
+
+
+def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
+    """How the README evaluates the demo's adapter: its synthetic rows, another seed's."""
+    out = tmp_path / "e"
+    summary = evaluation.main(["--model", tiny_model_dir, "--dataset", "synthetic",
+                               "--synthetic_tasks", "background", "--synthetic_image_size", "56",
+                               "--limit", "4", "--max_new_tokens", "3", "--output_dir", str(out)])
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert summary["n"] == 4 and {r["task"] for r in rows} == {"background"}
+    assert json.loads((out / "eval_config.json").read_text())["synthetic_tasks"] == ["background"]
