@@ -28,7 +28,7 @@ import demo
 import eval as evaluation
 import grpo
 import rewards
-from r1v import cli, metrics, policy, processes, rows, runs
+from r1v import cli, memory, metrics, policy, processes, rows, runs
 from r1v import model as models
 from r1v.cli import UserError, flag
 from r1v.flags import RunFlags
@@ -100,7 +100,8 @@ def parse_config(argv=None):
 RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume", "eval_steps",
              "eval_limit", "eval_dataset", "log_samples_steps", "num_samples", "save_steps",
              "save_total_limit", "max_nonfinite_steps", "micro_batch_size", "logp_chunk_size",
-             "gradient_checkpointing", "use_liger", "static_cache", "report_to", "cpu_threads"}
+             "gradient_checkpointing", "use_liger", "static_cache", "report_to", "cpu_threads",
+             "prefill_chunk_size"}
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -411,7 +412,32 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
                                                dataclasses.asdict(cfg), cfg.save_total_limit)
 
 
+def plan_memory(cfg):
+    """--plan_memory: the run's step, planned with the trainer's own loss (r1v/memory.py)."""
+    cfg = dataclasses.replace(cfg, use_liger=cfg.use_liger is not False)  # a CUDA run's default
+
+    def planned(**changes):
+        run = dataclasses.replace(cfg, **changes)
+        return memory.plan(
+            run.model, lambda model, mb: micro_batch_loss(model, mb, run, len(mb),
+                                                          mb.completion_mask.sum()),
+            prompts=run.prompts_per_step, group_size=run.num_generations,
+            completion_tokens=run.max_completion_length, micro_batch_size=run.micro_batch_size,
+            min_pixels=run.min_pixels, max_pixels=run.max_pixels, lora_r=run.lora_r,
+            lora_alpha=run.lora_alpha, load_in_4bit=run.load_in_4bit,
+            train_vision=run.train_vision, gradient_checkpointing=run.gradient_checkpointing,
+            logp_chunk_size=run.logp_chunk_size, prefill_chunk_size=run.prefill_chunk_size,
+            reference=run.beta != 0, old_logps=run.num_iterations > 1)
+    result = memory.report(planned, cfg.gpu_memory_gib)
+    path = runs.writable_dir(cfg.output_dir, "--output_dir") / "memory_plan.json"
+    runs.write_atomic(path, json.dumps({**result, "settings": dataclasses.asdict(cfg)}, indent=2))
+    print(f"the plan is in {path}")
+    return result
+
+
 def train(cfg):
+    if cfg.plan_memory:  # the run planned, not run: no data is read, no weights
+        return plan_memory(cfg)
     started, procs = time.time(), processes.Processes(cfg.output_dir, cfg.report_to,
                                                       cfg.prompts_per_step)
     if cfg.use_liger is None:  # on where its kernels run
@@ -427,7 +453,7 @@ def train(cfg):
         gen_config = policy.generation_config(
             run.processor, run.eos_ids, max_new_tokens=cfg.max_completion_length,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            static_cache=cfg.static_cache)
+            static_cache=cfg.static_cache, prefill_chunk_size=cfg.prefill_chunk_size)
         report, row, saved, stopping = metrics.report_once(), {}, None, False
         for step in tqdm(range(run.start_step + 1, run.max_steps + 1), initial=run.start_step,
                          total=run.max_steps, desc=cfg.objective.upper(), dynamic_ncols=True,

@@ -84,9 +84,8 @@ def build_random_qwen2vl_2b(folder):
     from transformers import Qwen2VLForConditionalGeneration
 
     tok = tiny.build_tokenizer(demo.synthetic_vocabulary())
-    config = tiny.qwen2vl_config(tok, 1536, 8960, 28, 12, 2, [16, 24, 24],
-                                 dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16,
-                                      mlp_ratio=4), rope_theta=1e6, vocab_size=151936)
+    config = tiny.architecture("qwen2-vl-2b", {t: tok.convert_tokens_to_ids(t)
+                                               for t in tiny.SPECIAL_TOKENS})
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(folder)

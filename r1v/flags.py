@@ -57,7 +57,9 @@ class RunFlags(ModelFlags, SyntheticFlags):
     gradient_checkpointing: bool = flag(True, "recompute activations: less memory, more time")
     cpu_threads: int = flag(0, "torch's threads on CPU (0: its default, one a core); the demo "
                             "runs 1: a tiny model's threads mostly wait on each other", min=0)
-    logp_chunk_size: int = flag(1024, "completion tokens per vocabulary-projection chunk", min=1)
+    prefill_chunk_size: int = flag(256, "prompt tokens a prefill pass in generation (0: all at "
+                                   "once); its activations scale with it", min=0)
+    logp_chunk_size: int = flag(512, "completion tokens per vocabulary-projection chunk", min=1)
     static_cache: bool = flag(False, "static KV cache in generation: on CUDA transformers compiles "
                               "the decode step (the first steps compile, minutes)")
     # evaluation during training
@@ -75,6 +77,12 @@ class RunFlags(ModelFlags, SyntheticFlags):
     max_nonfinite_steps: int = flag(5, "stop after N consecutive non-finite steps", min=1)
     report_to: str = flag("none", "also log the metrics to tensorboard (in OUTPUT_DIR/r1v) or "
                           "wandb, through accelerate", choices=("none", "tensorboard", "wandb"))
+    # will it fit? (README)
+    plan_memory: bool = flag(False, "estimate this run's CUDA memory a step, phase by phase, "
+                             "from --model's config alone (no weights, no data), write "
+                             "OUTPUT_DIR/memory_plan.json and stop")
+    gpu_memory_gib: float | None = flag(None, "the card --plan_memory plans for", above=0,
+                                        default_help="the visible GPU's, else 16")
 
 
 BENCHMARKS = ("cvbench", "sat", *hub.REFCOCO)

@@ -41,10 +41,13 @@ def build_tokenizer(texts, exact=False):
 
 
 def qwen2vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_section, vision,
-                   rope_theta=10000.0, vocab_size=None, config_class=Qwen2VLConfig):
-    """A Qwen2-VL config around `tok`'s special tokens (the tiny model's and the benchmark's).
-    Qwen2.5-VL's config (`config_class`) has the same fields, except in `vision`."""
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+                   rope_theta=10000.0, vocab_size=None, config_class=Qwen2VLConfig, tied=True):
+    """A Qwen2-VL config around `tok`'s special tokens (or a dict of their ids); Qwen2.5-VL's
+    (`config_class`) has the same fields, but in `vision`: depth, hidden_size (the tower's
+    width), intermediate_size, num_heads, out_hidden_size (the language model's width),
+    window_size (pixels), fullatt_block_indexes."""
+    ids = tok if isinstance(tok, dict) else {t: tok.convert_tokens_to_ids(t)
+                                             for t in SPECIAL_TOKENS}
     eos = ids["<|endoftext|>"]
     return config_class(
         text_config=dict(vocab_size=vocab_size or len(tok), hidden_size=hidden,
@@ -57,16 +60,29 @@ def qwen2vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_sec
         vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        tie_word_embeddings=tied)
 
 
-def qwen2_5_vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_section, vision,
-                      **kwargs):
-    """A Qwen2.5-VL config around `tok`'s special tokens. Its `vision` names differ from
-    Qwen2-VL's: depth, hidden_size (the tower's width), intermediate_size, num_heads,
-    out_hidden_size (the language model's width), window_size (pixels), fullatt_block_indexes."""
-    return qwen2vl_config(tok, hidden, intermediate, layers, heads, kv_heads, mrope_section,
-                          vision, config_class=Qwen2_5_VLConfig, **kwargs)
+# The released architectures (REFERENCE 4; Qwen2.5-VL's from their config.json), with Qwen's
+# token ids: configs without weights, for --plan_memory and the benchmark, offline.
+QWEN_IDS = dict(zip(SPECIAL_TOKENS, (151643, 151644, 151645, 151652, 151653, 151655, 151656)))
+VISION_2_5 = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
+ARCHITECTURES = {  # config class, text (hidden, intermediate, layers, heads, KV heads), vision,
+    "qwen2-vl-2b": (Qwen2VLConfig, (1536, 8960, 28, 12, 2), dict(  # vocabulary, tied embeddings
+        depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4), 151936, True),
+    "qwen2.5-vl-3b": (Qwen2_5_VLConfig, (2048, 11008, 36, 16, 2),
+                      {**VISION_2_5, "out_hidden_size": 2048}, 151936, True),
+    "qwen2.5-vl-7b": (Qwen2_5_VLConfig, (3584, 18944, 28, 28, 4),
+                      {**VISION_2_5, "out_hidden_size": 3584}, 152064, False),
+}
+
+
+def architecture(name, ids=QWEN_IDS):
+    """The config of a released architecture (ARCHITECTURES), its token ids `ids`."""
+    config_class, text, vision, vocab, tied = ARCHITECTURES[name]
+    return qwen2vl_config(ids, *text, [16, 24, 24], vision, rope_theta=1e6, vocab_size=vocab,
+                          config_class=config_class, tied=tied)
 
 
 # Qwen2.5-VL checkpoints are Instruct models: their prompts go through a chat template. This is
@@ -111,10 +127,10 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_v
     elif family == "qwen2_5_vl":
         # 56-pixel windows (2x2 merged tokens): a larger image spans several, so the windowed
         # block 0 and the full-attention block 1 both matter.
-        config = qwen2_5_vl_config(tok, hidden, 2 * hidden, layers, 4, 2, section,
-                                   dict(depth=2, hidden_size=32, intermediate_size=64,
-                                        num_heads=2, out_hidden_size=hidden, window_size=56,
-                                        fullatt_block_indexes=[1]))
+        config = qwen2vl_config(tok, hidden, 2 * hidden, layers, 4, 2, section,
+                                dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                     out_hidden_size=hidden, window_size=56,
+                                     fullatt_block_indexes=[1]), config_class=Qwen2_5_VLConfig)
     else:
         raise ValueError(f"family {family!r}: not one of qwen2_vl, qwen2_5_vl")
     torch.manual_seed(seed)
@@ -124,3 +140,11 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_v
     save_processor(folder, tok, max_pixels=28 * 28 * 64, family=family,
                    chat_template=CHAT_TEMPLATE if instruct else None)
     return folder
+
+
+if __name__ == "__main__":  # python -m r1v.tiny qwen2-vl-2b FOLDER: an architecture's config
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in ARCHITECTURES:
+        sys.exit(f"usage: python -m r1v.tiny {{{','.join(ARCHITECTURES)}}} FOLDER")
+    architecture(sys.argv[1]).save_pretrained(sys.argv[2])
