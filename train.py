@@ -418,16 +418,8 @@ def plan_memory(cfg):
 
     def planned(**changes):
         run = dataclasses.replace(cfg, **changes)
-        return memory.plan(
-            run.model, lambda model, mb: micro_batch_loss(model, mb, run, len(mb),
-                                                          mb.completion_mask.sum()),
-            prompts=run.prompts_per_step, group_size=run.num_generations,
-            completion_tokens=run.max_completion_length, micro_batch_size=run.micro_batch_size,
-            min_pixels=run.min_pixels, max_pixels=run.max_pixels, lora_r=run.lora_r,
-            lora_alpha=run.lora_alpha, load_in_4bit=run.load_in_4bit,
-            train_vision=run.train_vision, gradient_checkpointing=run.gradient_checkpointing,
-            logp_chunk_size=run.logp_chunk_size, prefill_chunk_size=run.prefill_chunk_size,
-            reference=run.beta != 0, old_logps=run.num_iterations > 1)
+        return memory.plan(lambda model, mb: micro_batch_loss(model, mb, run, len(mb), 1),
+                           **{k: getattr(run, k) for k in memory.FLAGS})
     result = memory.report(planned, cfg.gpu_memory_gib)
     path = runs.writable_dir(cfg.output_dir, "--output_dir") / "memory_plan.json"
     runs.write_atomic(path, json.dumps({**result, "settings": dataclasses.asdict(cfg)}, indent=2))
