@@ -16,7 +16,6 @@ offline demo's synthetic shapes (r1v/synthetic.py).
 
 import dataclasses
 import json
-import random
 
 import torch
 
@@ -122,50 +121,17 @@ def answer_completion(example, answer=None):
     return f"{opening}</think> <answer> {answer} </answer>"
 
 
-class Examples(rows.Rows):
-    """The example dicts of a dataset's stored rows (`source`, r1v/rows.py), built as `view`
-    says. Options are shuffled with a seed per row unless `shuffle` is off (detail 14)."""
-
-    def __init__(self, source, seed, view, shuffle=True):
-        super().__init__(source.name, source.size, self.build, source.where)
-        self.read, self.task_type, self.seed, self.view = source.read, source.task, seed, view
-        self.shuffle, self.fingerprint = shuffle, source.fingerprint
-
-    def shown_as(self, view):
-        """From now on, build rows with `view`'s prompt and box frame, known once the model is
-        (rows are checked before, without them); the pixel budget stays this set's."""
-        self.view = dataclasses.replace(self.view, template=view.template, frame=view.frame)
-        return self
-
-    def build(self, i):
-        image, fields = self.read(i)
-        rng = random.Random(self.seed * 1_000_003 + i) if self.shuffle else None  # (detail 14)
-        return make_example(rows.decode_image(image), fields, rng, self.view)
-
-    def check(self, i):
-        """Row i's fields and image, without decoding it; returns (question, visual tokens)."""
-        try:
-            image, fields = self.read(i)
-            size = rows.verified_size(image)
-            if rows.check_fields(fields, size) != self.task_type:
-                raise ValueError(f"a {rows.task_type(fields)} row among {self.task_type} rows")
-        except rows.READ_ERRORS as e:
-            raise UserError(f"{self.where(i)}: {e}") from e
-        return (question_of(fields),
-                rows.image_tokens(*size, self.view.min_pixels, self.view.max_pixels))
-
-
 def load_examples(dataset, split="train", limit=15000, seed=0, view=View(), flag="--dataset",
                   tasks=synthetic.CHOICE_TASKS, image_size=112):
     """A .jsonl file of a user's task, a hub id / local folder in SAT's or RefCOCO's schema, or
     `synthetic`: `limit` rows of the demo's `tasks`, images of `image_size` used at their size."""
-    if dataset == "synthetic":
+    if dataset == "synthetic":  # used at their size
         view = dataclasses.replace(view, min_pixels=0, max_pixels=image_size * image_size)
-        return Examples(synthetic.source(limit, seed, tuple(tasks), image_size), seed, view,
-                        shuffle=False)
-    if dataset.endswith(".jsonl"):
-        return Examples(rows.load_jsonl(dataset, limit, flag), seed, view)
-    return Examples(hub.load_source(dataset, split, limit, flag), seed, view)
+        source, shuffle = synthetic.source(limit, seed, tuple(tasks), image_size), False
+    else:
+        source, shuffle = (rows.load_jsonl(dataset, limit, flag) if dataset.endswith(".jsonl")
+                           else hub.load_source(dataset, split, limit, flag)), True
+    return rows.Examples(source, seed, view, make_example, question_of, shuffle)
 
 
 class PromptSampler:

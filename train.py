@@ -28,7 +28,7 @@ import demo
 import eval as evaluation
 import grpo
 import rewards
-from r1v import cli, memory, metrics, policy, processes, rows, runs
+from r1v import cli, memory, metrics, policy, processes, rows, runs, schedule
 from r1v import model as models
 from r1v.cli import UserError, flag
 from r1v.flags import RunFlags
@@ -206,23 +206,13 @@ def update(model, optimizer, scheduler, rollout, cfg, procs):
             "nonfinite": cfg.num_iterations - len(made)}
 
 
-def lr_factor(index, warmup, total, kind, knot=None):
-    """The peak learning rate's multiplier at optimizer update `index` (0-based): linear warmup
-    from 1/warmup, then constant or a linear decay to 0 at update `total`, from 1 at the end of
-    the warmup, or from `knot` (update, multiplier) for a resumed run whose horizon changed."""
-    if index < warmup:
-        return (index + 1) / warmup
-    start, factor = knot or (warmup, 1.0)
-    return 1.0 if kind == "constant" else max(0.0, factor * (total - index) / (total - start))
-
-
 # --- setup --------------------------------------------------------------------------------------
 
 @dataclass
 class Run:
     """What the loop works with, made ready by `setup`."""
     out: object                      # the run folder
-    dataset: data.Examples           # the training rows...
+    dataset: rows.Examples           # the training rows...
     sampler: data.PromptSampler      # ...and the order their prompts come in
     held_out: object                 # eval items for eval/accuracy, or None
     reward_funcs: dict
@@ -308,24 +298,6 @@ def load_model(cfg, device, name=None):
         train_vision=cfg.train_vision, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def lr_schedule(optimizer, cfg, total, state=None):
-    """The learning-rate schedule over `total` updates, and what a checkpoint keeps of it. A
-    resumed run continues its checkpoint's; if its horizon changed (--max_steps), the linear
-    decay goes on from the rate it had reached to 0 at the new last update."""
-    warmup, knot = int(cfg.warmup_ratio * total), None
-    if state and "schedule" in state:
-        saved, done = state["schedule"], state["scheduler"]["last_epoch"]
-        warmup, knot = saved["warmup"], saved["knot"]
-        if saved["total"] != total and cfg.lr_scheduler == "linear" and done >= warmup:
-            knot = (done, lr_factor(done, warmup, saved["total"], "linear", knot))
-            tqdm.write(f"note: the learning rate decays from {knot[1]:.3g} x its peak to 0 over "
-                       f"the {total - done} updates left (the checkpoint's run: "
-                       f"{saved['total']} updates)")
-    schedule = {"warmup": warmup, "total": total, "knot": knot}
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: lr_factor(
-        index, warmup, total, cfg.lr_scheduler, knot)), schedule
-
-
 def setup(cfg, procs):
     """0. The checks; then --overwrite clears the old run; the model (the demo's built here),
     its prompt, a fresh LoRA adapter (the same on every process), the optimizer and its
@@ -353,9 +325,9 @@ def setup(cfg, procs):
     run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
     run.max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * run.steps_per_epoch))
     run.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    run.scheduler, run.schedule = lr_schedule(run.optimizer, cfg,
-                                              run.max_steps * cfg.num_iterations,
-                                              checkpoint and checkpoint[1])
+    run.scheduler, run.schedule = schedule.lr_schedule(
+        run.optimizer, cfg.lr_scheduler, cfg.warmup_ratio, run.max_steps * cfg.num_iterations,
+        checkpoint and checkpoint[1])
     if procs.world > 1:  # each process samples its own completions
         torch.manual_seed(cfg.seed + 1_000 * procs.rank)
     if checkpoint:
@@ -368,18 +340,6 @@ def setup(cfg, procs):
 
 
 # --- the loop -----------------------------------------------------------------------------------
-
-def count_step(counters, procs, rollout, skipped, nonfinite, stop_requested):
-    """The whole batch's counts after a step (tokens seen, rows skipped); True if any process
-    was asked to stop (Ctrl-C)."""
-    seen = rollout.prompt_mask.sum() + rollout.completion_mask.sum()
-    tokens, skipped, stop = (int(x) for x in procs.sum([seen, skipped, int(stop_requested)]))
-    counters["num_tokens"] += tokens
-    counters["skipped_rows"] += skipped
-    counters["nonfinite_steps"] += nonfinite
-    counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if nonfinite else 0
-    return bool(stop)
-
 
 def evaluate_and_save(run, cfg, procs, row, scored, stopping):
     """After a step: eval/accuracy (eval/mAP for detection) when due, greedy on the held-out
@@ -412,24 +372,9 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
                                                dataclasses.asdict(cfg), cfg.save_total_limit)
 
 
-def plan_memory(cfg):
-    """--plan_memory: the run's step, planned with the trainer's own loss (r1v/memory.py)."""
-    cfg = dataclasses.replace(cfg, use_liger=cfg.use_liger is not False)  # a CUDA run's default
-
-    def planned(**changes):
-        run = dataclasses.replace(cfg, **changes)
-        return memory.plan(lambda model, mb: micro_batch_loss(model, mb, run, len(mb), 1),
-                           **{k: getattr(run, k) for k in memory.FLAGS})
-    result = memory.report(planned, cfg.gpu_memory_gib)
-    path = runs.writable_dir(cfg.output_dir, "--output_dir") / "memory_plan.json"
-    runs.write_atomic(path, json.dumps({**result, "settings": dataclasses.asdict(cfg)}, indent=2))
-    print(f"the plan is in {path}")
-    return result
-
-
 def train(cfg):
     if cfg.plan_memory:  # the run planned, not run: no data is read, no weights
-        return plan_memory(cfg)
+        return memory.plan_run(cfg, micro_batch_loss)
     started, procs = time.time(), processes.Processes(cfg.output_dir, cfg.report_to,
                                                       cfg.prompts_per_step)
     if cfg.use_liger is None:  # on where its kernels run
@@ -474,8 +419,8 @@ def train(cfg):
             # 6. update the LoRA weights on micro-batches
             learning_rate = run.scheduler.get_last_lr()[0]
             stats = update(run.model, run.optimizer, run.scheduler, rollout, cfg, procs)
-            stopping = count_step(run.counters, procs, rollout, skipped, stats.pop("nonfinite"),
-                                  stop["requested"])
+            stopping = metrics.count_step(run.counters, procs, rollout, skipped,
+                                          stats.pop("nonfinite"), stop["requested"])
             # 7. log, evaluate, checkpoint
             counted = {k: v for k, v in run.counters.items() if k != "consecutive_nonfinite"}
             row = {"step": step, "epoch": round(step / max(1, run.steps_per_epoch), 4),

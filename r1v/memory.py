@@ -235,3 +235,24 @@ def describe(result):
                       f"modelled = {total:.1f} of {result['gpu_memory_gib']:.0f} GiB: "
                       + ("fits" if result["fits"] else "does not fit"),
                       f"not modelled: {NOT_MODELLED}"])
+
+
+def plan_run(cfg, loss):
+    """--plan_memory: the run of train.py's `cfg`, planned with the trainer's own micro-batch
+    `loss(model, mb, cfg, num_sequences, num_tokens)`; memory_plan.json in its --output_dir."""
+    import dataclasses
+    import json
+
+    from r1v import runs
+
+    cfg = dataclasses.replace(cfg, use_liger=cfg.use_liger is not False)  # a CUDA run's default
+
+    def planned(**changes):
+        run = dataclasses.replace(cfg, **changes)
+        return plan(lambda model, mb: loss(model, mb, run, len(mb), 1),
+                    **{k: getattr(run, k) for k in FLAGS})
+    result = report(planned, cfg.gpu_memory_gib)
+    path = runs.writable_dir(cfg.output_dir, "--output_dir") / "memory_plan.json"
+    runs.write_atomic(path, json.dumps({**result, "settings": dataclasses.asdict(cfg)}, indent=2))
+    print(f"the plan is in {path}")
+    return result

@@ -106,6 +106,18 @@ def rollout_metrics(scored, group_size):
     return metrics
 
 
+def count_step(counters, procs, rollout, skipped, nonfinite, stop_requested):
+    """The whole batch's counts after a step (tokens seen, rows skipped); True if any process
+    was asked to stop (Ctrl-C)."""
+    seen = rollout.prompt_mask.sum() + rollout.completion_mask.sum()
+    tokens, skipped, stop = (int(x) for x in procs.sum([seen, skipped, int(stop_requested)]))
+    counters["num_tokens"] += tokens
+    counters["skipped_rows"] += skipped
+    counters["nonfinite_steps"] += nonfinite
+    counters["consecutive_nonfinite"] = counters["consecutive_nonfinite"] + 1 if nonfinite else 0
+    return bool(stop)
+
+
 def report_once():
     """A printer that shows each kind of problem once: the first of its kind, in full."""
     seen = set()

@@ -1,9 +1,11 @@
 """A dataset's rows as they are stored, read lazily and checked: their fields by task type, their
 images (opened and verified without decoding pixels), a user's JSONL file, prompt lengths."""
 
+import dataclasses
 import hashlib
 import io
 import json
+import random
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -151,6 +153,42 @@ class Rows(torch.utils.data.Dataset):
             raise
         except READ_ERRORS as e:  # what a bad file raises; anything else is a bug, shown whole
             raise UserError(f"{self.where(i)}: {e}") from e
+
+
+class Examples(Rows):
+    """The example dicts of a dataset's stored rows (`source`), built by `make(image, fields,
+    rng, view)` (data.make_example) as `view` (data.View) says; `question(fields)` is what the
+    model is asked (data.question_of). Options are shuffled with a seed per row unless `shuffle`
+    is off (detail 14)."""
+
+    def __init__(self, source, seed, view, make, question, shuffle=True):
+        super().__init__(source.name, source.size, self.build, source.where)
+        self.read, self.task_type, self.seed, self.view = source.read, source.task, seed, view
+        self.make_example, self.question, self.shuffle = make, question, shuffle
+        self.fingerprint = source.fingerprint
+
+    def shown_as(self, view):
+        """From now on, build rows with `view`'s prompt and box frame, known once the model is
+        (rows are checked before, without them); the pixel budget stays this set's."""
+        self.view = dataclasses.replace(self.view, template=view.template, frame=view.frame)
+        return self
+
+    def build(self, i):
+        image, fields = self.read(i)
+        rng = random.Random(self.seed * 1_000_003 + i) if self.shuffle else None  # (detail 14)
+        return self.make_example(decode_image(image), fields, rng, self.view)
+
+    def check(self, i):
+        """Row i's fields and image, without decoding it; returns (question, visual tokens)."""
+        try:
+            image, fields = self.read(i)
+            size = verified_size(image)
+            if check_fields(fields, size) != self.task_type:
+                raise ValueError(f"a {task_type(fields)} row among {self.task_type} rows")
+        except READ_ERRORS as e:
+            raise UserError(f"{self.where(i)}: {e}") from e
+        return (self.question(fields),
+                image_tokens(*size, self.view.min_pixels, self.view.max_pixels))
 
 
 class Source(NamedTuple):

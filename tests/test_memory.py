@@ -14,7 +14,7 @@ import torch
 
 import demo
 import train
-from r1v import policy, tiny
+from r1v import memory, policy, tiny
 from r1v import model as models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def plan_of(model_dir, out, **flags):
     args = [f"--{k}" if v is True else f"--{k} {v}" for k, v in flags.items()]
     cfg = train.parse_config(["--model", model_dir, "--output_dir", str(out), "--lora_r", "4",
                               "--lora_alpha", "8", *" ".join(args).split()])
-    return train.plan_memory(cfg)
+    return memory.plan_run(cfg, train.micro_batch_loss)
 
 
 @pytest.fixture(scope="module")
