@@ -4,43 +4,16 @@
     python benchmarks/grpo_step.py --model PATH     # real weights from a local folder
     python benchmarks/grpo_step.py --tiny --steps 1 # smoke test of the script itself, tiny model
 
-Settings (REFERENCE: the paper's recipe): 8 prompts x G = 8 completions, SAT-sized images
-(448 x 896 pixels = 512 visual tokens), exactly 700 new tokens per completion (generation's
-min_new_tokens = max_new_tokens keeps EOS from being sampled earlier: the worst case), beta 0.04,
-mu 1, LoRA r 64 / alpha 128 on the language model, the r1 prompt, random rewards. Each variant
-runs in its own process, so that its peak memory is its own, and a warm-up step is not counted.
-
-Variants: `lora`, `lora+liger`, `qlora+liger` call the trainer's own step functions
-(train.load_model, train.generate, train.add_old_and_ref_logps, train.update); `trl-lora` runs the reference
-library's GRPOTrainer (TRL 1.16) on the same model folder, images, prompts and settings, with
-plain transformers generation (no vLLM), as a single-GPU user runs it.
-
-What each variant reports (one JSON line; null where it cannot be measured):
-  step_time_s, generation_s, logp_s, update_s   wall time of a step and its phases: generation,
-      the no-grad log-prob passes (the reference's), the update (forward, backward, optimizer).
-      trl-lora: generation is the time inside the model's `generate`; log-probs the time in
-      its log-prob passes run without gradients; update the rest of the step (its prompt
-      processing, rewards, the policy passes and the optimizer).
-  tokens_per_s, completion_tokens   generated tokens per second of generation; mean length.
-  peak_allocated_gib, peak_reserved_gib   the step's peak (CUDA only).
-  memory_gib   CUDA only: `weights` allocated after loading the base model; `lora_and_optimizer`
-      what the warm-up step leaves allocated beyond them once its batch is freed (the adapter,
-      AdamW's two moments, anything else kept, such as library workspaces); the peak allocated
-      in each phase (`generation_peak`, `logp_peak`, `update_peak`; peak stats reset between
-      phases). trl-lora loads the model and the adapter in one call: no `weights` there.
-  decode_ms_per_step   one decode step of the whole batch: the same batch is generated again
-      with max_new_tokens=1 (processing, vision tower, prefill, one token), taking prefill_s,
-      and (generation_s - prefill_s) / (new tokens - 1). The repeat is not part of the step.
-  floor_ms_per_step, bandwidth_gb_s, decode_read_gb   the least time a decode step can take: the
-      bytes it must read (every weight it uses as stored, so 4-bit weights count 4 bits, the
-      adapter included, the vision tower not: decoding never runs it; plus the KV cache at the
-      mean context, 2 x layers x KV heads x head dim x bytes x sequences x (padded prompt + new
-      tokens / 2)) over the bandwidth of a large device-to-device copy measured in the same
-      process (bytes read + written per second: a 1 GiB tensor on GPU, 64 MiB on CPU).
-  vision_calls_per_step, images_encoded_per_step, vision_by_phase   calls of the vision tower and
-      images it encoded (rows of grid_thw) in a step, in total and per phase (a forward hook).
-
-Writes benchmarks/results/<gpu>.json and a markdown table (not with --tiny).
+8 prompts x G 8, SAT-sized images (448 x 896: 512 visual tokens), exactly 700 new tokens per
+completion (min_new_tokens holds EOS back: the worst case), beta 0.04, mu 1, LoRA r 64 / alpha
+128, the r1 prompt, random rewards; each variant in its own process (its peak is its own), a
+warm-up step not counted. `lora`, `lora+liger`, `qlora+liger`, `lora+liger+static` run the
+trainer's own step functions (train.load_model, generate, add_old_and_ref_logps, update);
+`trl-lora` runs the reference library's GRPOTrainer (TRL 1.16) on the same model folder, images,
+prompts and settings, with plain transformers generation (no vLLM), as a single-GPU user runs it.
+What each row reports, and how (the phase split, decode_ms_per_step against the bandwidth floor
+measured in the same process, vision calls, the memory plan's estimate): README "Memory and
+speed on one GPU". Writes <gpu>.json and .md into --out (default benchmarks/results).
 """
 
 import argparse
@@ -397,11 +370,13 @@ def run_variant(args):
 def table(results):
     def num(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
-    lines = ["| variant | peak allocated GiB | peak reserved GiB | step s | generation s "
+    lines = ["| variant | peak allocated GiB | plan's estimate GiB | peak reserved GiB | step s "
+             "| generation s "
              "| ref log-probs s | update s | tokens/s | decode ms/step | floor ms/step "
-             "| vision calls/step |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vision calls/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['variant']} | {num(r['peak_allocated_gib'], 1)} "
+                     f"| {num(r.get('plan_peak_gib'), 1)} "
                      f"| {num(r['peak_reserved_gib'], 1)} | {r['step_time_s']:.1f} "
                      f"| {r['generation_s']:.1f} | {r['logp_s']:.1f} | {r['update_s']:.1f} "
                      f"| {r['tokens_per_s']:.0f} | {num(r['decode_ms_per_step'], 1)} "
@@ -428,8 +403,13 @@ def build_parser():
     parser.add_argument("--image_side", type=int, default=448,
                         help="images are side x 2*side pixels (448: 512 visual tokens)")
     parser.add_argument("--tiny", action="store_true",
-                        help="smoke-test the script with the tiny model (runs on CPU); writes no "
-                        "results")
+                        help="smoke-test the script with the tiny model (runs on CPU); writes "
+                        "results only with --out")
+    parser.add_argument("--out", default=None,
+                        help="where <gpu>.json and .md go (default: benchmarks/results)")
+    parser.add_argument("--plan_dir", default=None,
+                        help="memory plans (train.py --plan_memory) of the same settings, "
+                        "<variant>.json each: their estimate goes beside the measured peak")
     parser.add_argument("--variant", choices=list(VARIANTS),
                         help="internal: run this one variant in this process and print its JSON "
                         "line (the script starts one such process per variant)")
@@ -465,10 +445,13 @@ def main():
             failed.append(variant)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        plan = Path(args.plan_dir or "") / f"{variant.replace('+static', '')}.json"
+        results[-1]["plan_peak_gib"] = (json.loads(plan.read_text())["peak_gib"]
+                                        if args.plan_dir and plan.is_file() else None)
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
-    if not args.tiny and results:  # a smoke test measures nothing worth keeping
-        out = ROOT / "benchmarks" / "results"
+    if results and (args.out or not args.tiny):  # a smoke test's figures are worth nothing
+        out = Path(args.out or ROOT / "benchmarks" / "results")
         out.mkdir(parents=True, exist_ok=True)
         name = results[0]["gpu"].replace(" ", "-")
         (out / f"{name}.json").write_text(json.dumps(results, indent=2))

@@ -83,7 +83,7 @@ def faking():
     FakeTensor.item = lambda self: 1.0 if self.constant is None else item(self)
     FakeTensor.__float__ = lambda self: float(self.item())
     FakeTensor.__bool__ = lambda self: bool(self.item())
-    fake_tensor.CONSTANT_NUMEL_LIMIT = 4096
+    fake_tensor.CONSTANT_NUMEL_LIMIT = 1 << 16
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # no swap of fake params
     check = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
@@ -192,19 +192,42 @@ def faked(mode, rollout, model, with_features=True):
     return fake
 
 
+def on_real_grid(function, mode):
+    """`function` of the vision tower's helpers, run on the real image grid (a fake constant's
+    value): they index by data-dependent masks, which fake tensors cannot. What it returns is
+    made fake constants, whose values later steps read (window and sequence lengths)."""
+    def run(grid, *args, **kwargs):
+        with unset_fake_temporarily():
+            out = function(grid.constant if isinstance(grid, FakeTensor) else grid, *args,
+                           **kwargs)
+        return torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: mode.fake_tensor_converter.from_real_tensor(
+                mode, t, make_constant=True), out)
+    return run
+
+
+VISION_HELPERS = ("get_vision_position_ids", "get_vision_attention_seqlens",
+                  "get_vision_window_index")
+
+
 @contextlib.contextmanager
-def given_positions(model):
+def given_positions(model, mode):
     """Inside, the model takes its M-RoPE positions from `positions["now"]` (computed on the
-    real inputs) and runs without an attention mask (the worst-case batch has no padding)."""
+    real inputs), runs without an attention mask (the worst-case batch has no padding), and its
+    vision tower's helpers run on the real grid."""
     inner = models.base_of(model).model
     modeling = __import__(type(inner).__module__, fromlist=["create_causal_mask"])
-    compute, mask = type(inner).compute_3d_position_ids, modeling.create_causal_mask
-    positions = {}
+    kept = {name: getattr(modeling, name) for name in ("create_causal_mask", *VISION_HELPERS)
+            if hasattr(modeling, name)}
+    compute, positions = type(inner).compute_3d_position_ids, {}
     type(inner).compute_3d_position_ids = lambda self, **kwargs: positions["now"]
     modeling.create_causal_mask = lambda **kwargs: None
+    for name in VISION_HELPERS:
+        if name in kept:
+            setattr(modeling, name, on_real_grid(kept[name], mode))
     try:
         yield positions
     finally:
-        type(inner).compute_3d_position_ids, modeling.create_causal_mask = compute, mask
-
-
+        type(inner).compute_3d_position_ids = compute
+        for name, function in kept.items():
+            setattr(modeling, name, function)

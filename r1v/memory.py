@@ -111,7 +111,7 @@ def plan(loss_fn, *, model, prompts_per_step, num_generations, max_completion_le
                                        load_in_4bit=load_in_4bit, train_vision=train_vision,
                                        gradient_checkpointing=gradient_checkpointing)
         params = [p for p in fake_model.parameters() if p.requires_grad]
-        with mode, fakes.given_positions(fake_model) as positions:
+        with mode, fakes.given_positions(fake_model, mode) as positions:
             phases = run_step(fake_model, params, mode, positions, rollout, micro, loss_fn,
                               max_completion_length, logp_chunk_size, prefill_chunk_size,
                               reference=beta != 0, old_logps=num_iterations > 1,

@@ -25,17 +25,18 @@ def test_every_flag_is_explained():
 
 
 @pytest.mark.slow
-def test_benchmark_script_runs_every_variant():
+def test_benchmark_script_runs_every_variant(tmp_path):
     # 12 new tokens: generation is then mostly decode steps, so its time stays above the
     # prefill-only repeat's even on a busy CPU. 2-sequence micro-batches: TRL accumulates two
     # passes per optimizer step, ours cuts the batch in two. One thread a process: on a shared
     # 2-core machine torch's two threads wait on each other (a tiny matmul then takes ~15 ms).
     B, G, C = 2, 2, 12
+    (tmp_path / "lora+liger.json").write_text('{"peak_gib": 8.5}')  # a plan, of one variant
     done = subprocess.run(
         [
             sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--prompts", str(B),
             "--G", str(G), "--completion_tokens", str(C), "--image_side", "56",
-            "--micro_batch_size", "2",
+            "--micro_batch_size", "2", "--out", str(tmp_path), "--plan_dir", str(tmp_path),
         ],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -43,6 +44,10 @@ def test_benchmark_script_runs_every_variant():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in rows] == list(load_script().VARIANTS)
+    # the plan beside the measured peak: its own variant's, and lora+liger+static's the same
+    assert [r["plan_peak_gib"] for r in rows] == [None, 8.5, None, 8.5, None]
+    saved = json.loads((tmp_path / "cpu.json").read_text())
+    assert saved == rows and "plan's estimate GiB" in (tmp_path / "cpu.md").read_text()
     for r in rows:
         assert r["step_time_s"] > 0 and r["generation_s"] > 0 and r["tokens_per_s"] > 0
         assert r["completion_tokens"] == C  # EOS held back in TRL too

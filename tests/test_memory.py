@@ -152,3 +152,12 @@ def test_a_prefill_in_chunks_generates_what_one_pass_does(tmp_path, family):
         again, _ = policy.generate(model, processor, examples, chunked, group_size=2)
         assert torch.equal(again.completion_ids, ours.completion_ids), chunk
     assert ours.prompt_ids.shape[1] > 16  # several chunks, left padding in the first
+
+
+def test_a_qwen25_model_plans_too(tiny_qwen25_dir, tmp_path):
+    """Qwen2.5-VL's vision tower attends in windows, its helpers read the image grid's values."""
+    result = plan_of(tiny_qwen25_dir, tmp_path, prompts_per_step=2, num_generations=2,
+                     max_completion_length=8, micro_batch_size=2, max_pixels=3136 * 16)
+    assert result["fits"] and result["phases"]["generation"] > result["fixed_gib"]["weights"]
+    assert json.loads((tmp_path / "memory_plan.json").read_text())["peak_gib"] == \
+        result["peak_gib"]
