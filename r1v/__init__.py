@@ -11,6 +11,9 @@
     metrics    what a step logs, the "aha" reflection phrases, eval.py's table
     processes  several processes (torchrun, accelerate launch), trackers, Ctrl-C
     runs       run folders, logs, checkpoints and resume
+    schedule   the learning rate's warm-up and decay, by step
+    memory     --plan_memory: a step's CUDA memory from the config alone, phase by phase
+    fakes      the fake-tensor machinery the plan runs a step on
     synthetic  the offline demo's rows of coloured shapes
     tiny       tiny random Qwen2-VL / Qwen2.5-VL models with offline tokenizers
 """

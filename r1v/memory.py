@@ -196,13 +196,13 @@ def report(planned, gpu_memory_gib=None):
               "peak_where": phases[top]["where"], "not_modelled": NOT_MODELLED}
     print(describe(result))
     if not result["fits"]:
-        result["alternatives"] = alternatives(planned, gpu_memory_gib)
+        result["alternatives"] = alternatives(planned, gpu_memory_gib, result["peak_gib"])
     return result
 
 
-def alternatives(planned, gpu_memory_gib):
-    """Settings that lower the peak, each planned: a smaller micro-batch, QLoRA, smaller images,
-    smaller vocabulary and prefill chunks, checkpointing."""
+def alternatives(planned, gpu_memory_gib, now):
+    """Settings that may lower the run's peak `now` (GiB), each planned and printed with its
+    saving: a smaller micro-batch, QLoRA, smaller images, smaller vocabulary and prefill chunks."""
     options = [dict(micro_batch_size=2), dict(micro_batch_size=1), dict(load_in_4bit=True),
                dict(logp_chunk_size=256, prefill_chunk_size=128), dict(max_pixels=200704),
                dict(load_in_4bit=True, micro_batch_size=2, logp_chunk_size=256)]
@@ -213,8 +213,8 @@ def alternatives(planned, gpu_memory_gib):
         found.append({"change": " ".join(f"--{k} {v}" if v is not True else f"--{k}"
                                          for k, v in changes.items()),
                       "peak_gib": peak, "fits": peak + NOT_MODELLED_GIB <= gpu_memory_gib})
-        print(f"  with {found[-1]['change']}: {peak:.2f} GiB"
-              f"{' (fits)' if found[-1]['fits'] else ''}")
+        print(f"  with {found[-1]['change']}: {peak:.2f} GiB ({peak - now:+.2f})"
+              f"{', fits' if found[-1]['fits'] else ''}")
     return found
 
 

@@ -75,7 +75,7 @@ def test_the_estimate_grows_as_the_tensors_do(tiny_model_dir, tiny_plan, tmp_pat
         assert all(bigger[phase] > phases[phase] for phase in grown), (change, bigger, phases)
 
 
-def test_a_plan_that_does_not_fit_names_what_would(tiny_model_dir, tmp_path):
+def test_a_plan_that_does_not_fit_names_what_would(tiny_model_dir, tmp_path, capsys):
     result = plan_of(tiny_model_dir, tmp_path, prompts_per_step=2, num_generations=2,
                      max_completion_length=8, micro_batch_size=2, max_pixels=3136 * 4,
                      gpu_memory_gib=0.5)  # below what a real run adds on top of the estimate
@@ -83,6 +83,9 @@ def test_a_plan_that_does_not_fit_names_what_would(tiny_model_dir, tmp_path):
     changes = {a["change"]: a["peak_gib"] for a in result["alternatives"]}
     assert "--load_in_4bit" in changes and "--micro_batch_size 1" in changes
     assert changes["--micro_batch_size 1"] <= result["peak_gib"]
+    saving = changes["--micro_batch_size 1"] - result["peak_gib"]
+    assert f"with --micro_batch_size 1: {changes['--micro_batch_size 1']:.2f} GiB " \
+        f"({saving:+.2f})" in capsys.readouterr().out
 
 
 @pytest.mark.slow
