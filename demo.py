@@ -74,6 +74,16 @@ def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
     return loss.item()
 
 
+def build_untrained(folder, seed, tasks, weights=True):
+    """The demo's tiny random model, tokenizer and processor, before the warm-up: a Qwen2-VL for
+    multiple choice, a Qwen2.5-VL (pixel boxes, chat prompt) for grounding (weights=False: its
+    config and processor, all a prompt's length needs)."""
+    grounding_tasks = synthetic.synthetic_task_type(tasks) != "choice"
+    return str(tiny.build_tiny_model(folder, synthetic_vocabulary(grounding_tasks), seed=seed,
+                                     family="qwen2_5_vl" if grounding_tasks else "qwen2_vl",
+                                     weights=weights))
+
+
 def build_demo_model(folder, seed, tasks, image_size):
     """The demo's base model: tiny, random, then warmed up (see `warm_up_format`); a Qwen2-VL for
     multiple choice, a Qwen2.5-VL (pixel boxes, chat prompt) for grounding. Reused if `folder`
@@ -81,9 +91,7 @@ def build_demo_model(folder, seed, tasks, image_size):
     folder = Path(folder)
     done = folder / "demo_base.json"
     if not done.is_file():
-        grounding_tasks = synthetic.synthetic_task_type(tasks) != "choice"
-        tiny.build_tiny_model(folder, synthetic_vocabulary(grounding_tasks), seed=seed,
-                              family="qwen2_5_vl" if grounding_tasks else "qwen2_vl")
+        build_untrained(folder, seed, tasks)
         # Warm-up rows come from another seed than the training rows.
         view = data.model_view(model.load_config(str(folder)), model.load_processor(str(folder)),
                                "auto", 0, image_size * image_size)

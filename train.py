@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -274,8 +275,12 @@ def check_inputs(cfg, procs):
     checkpoint = runs.find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
         runs.check_resumable(checkpoint[0], checkpoint[2], dataclasses.asdict(cfg), RESUMABLE)
-    if cfg.model != demo.MODEL:  # the demo's is built into the run folder, after these checks
+    if cfg.model != demo.MODEL:
         see_as(cfg.model, run, cfg, prompt_rows)
+    else:  # its model is built into the run folder after these checks: its tokenizer now
+        with tempfile.TemporaryDirectory() as folder:
+            see_as(demo.build_untrained(folder, cfg.seed, cfg.synthetic_tasks, weights=False),
+                   run, cfg, prompt_rows)
     procs.start_tracker(cfg.report_to, dataclasses.asdict(cfg), out,
                         checkpoint[1]["step"] if checkpoint else 0)
     return cfg, run, prompt_rows, checkpoint, held

@@ -105,7 +105,8 @@ class EvalConfig(ModelFlags, SyntheticFlags):
     limit: int = flag(0, "evaluate only the first N items (0 = all)", min=0)
     batch_size: int = flag(16, "prompts per generate call", min=1)
     max_new_tokens: int = flag(1024, "most new tokens per response (paper: 1024)", min=1)
-    seed: int = flag(0, "seeds the option shuffling of SAT and JSONL rows", min=0)
+    seed: int = flag(0, "seeds the option shuffling of SAT and JSONL rows; draws the synthetic "
+                     "rows (training's --seed 42 gives the rows a demo trained on)", min=0)
     merge_adapter: bool = flag(False, "merge the adapter into the base weights: faster "
                                "generation, but in bf16 (GPU) small updates round away, so the "
                                "model scored is not exactly the one trained (not with 4-bit)")

@@ -113,9 +113,11 @@ def save_processor(folder, tok, max_pixels, family="qwen2_vl", chat_template=Non
     processor.save_pretrained(folder)
 
 
-def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_vl"):
+def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_vl",
+                     weights=True):
     """Build and save a tiny random Qwen2-VL, its tokenizer and processor into `folder`; with
-    family="qwen2_5_vl", a tiny Qwen2.5-VL whose processor has a chat template."""
+    family="qwen2_5_vl", a tiny Qwen2.5-VL whose processor has a chat template; weights=False:
+    its config.json and processor only."""
     instruct = family == "qwen2_5_vl"
     tok = build_tokenizer(texts + [CHAT_WORDS] if instruct else texts, exact=instruct)
     half = hidden // 4 // 2  # M-RoPE splits half the head dim into (time, height, width)
@@ -133,10 +135,14 @@ def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_v
                                      fullatt_block_indexes=[1]), config_class=Qwen2_5_VLConfig)
     else:
         raise ValueError(f"family {family!r}: not one of qwen2_vl, qwen2_5_vl")
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = tok.eos_token_id
-    model.save_pretrained(folder)
+    if weights:
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.eos_token_id
+        model.save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
     save_processor(folder, tok, max_pixels=28 * 28 * 64, family=family,
                    chat_template=CHAT_TEMPLATE if instruct else None)
     return folder

@@ -158,6 +158,21 @@ def test_overwrite_clears_nothing_before_every_check_has_passed(tmp_path, tiny_m
     assert checksums(out) == before  # the finished run is all there
 
 
+def test_the_demos_prompt_lengths_are_checked_before_overwrite_clears(tmp_path):
+    """The demo's model is built into the run folder after the checks; its prompts are measured
+    with its tokenizer before anything is cleared."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier demo's
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "adapter_model.safetensors").write_bytes(b"weights")
+    before = checksums(out)
+    with pytest.raises(UserError, match="--max_prompt_length 5"):
+        train.train(train.parse_config(["--demo", "--output_dir", str(out), "--overwrite",
+                                        "--max_prompt_length", "5"]))
+    assert checksums(out) == before and not (out / "demo-base").exists()
+
+
 def test_a_folder_in_use_is_refused_and_a_dead_holder_is_noted(tmp_path, tiny_model_dir,
                                                                 capsys):
     out = tmp_path / "run"
