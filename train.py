@@ -272,9 +272,15 @@ def check_inputs(cfg, procs):
     held_out = held_out_examples(cfg, pixels, dataset.task_type) if cfg.eval_steps else None
     run = Run(out, dataset, data.PromptSampler(len(dataset), cfg.prompts_per_step, cfg.seed),
               held_out, *scoring)
+    run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
+    run.max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * run.steps_per_epoch))
     checkpoint = runs.find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
         runs.check_resumable(checkpoint[0], checkpoint[2], dataclasses.asdict(cfg), RESUMABLE)
+        if checkpoint[1]["step"] >= run.max_steps:
+            raise UserError(f"--resume: {checkpoint[0]} is at step {checkpoint[1]['step']}, the "
+                            f"run's last is {run.max_steps}: nothing left to train; raise "
+                            "--max_steps to go on")
     if cfg.model != demo.MODEL:
         see_as(cfg.model, run, cfg, prompt_rows)
     else:  # its model is built into the run folder after these checks: its tokenizer now
@@ -327,8 +333,6 @@ def setup(cfg, procs):
     procs.start_equal(params)
     if procs.main:
         runs.write_atomic(run.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
-    run.max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * run.steps_per_epoch))
     run.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     run.scheduler, run.schedule = schedule.lr_schedule(
         run.optimizer, cfg.lr_scheduler, cfg.warmup_ratio, run.max_steps * cfg.num_iterations,

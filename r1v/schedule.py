@@ -23,7 +23,7 @@ def lr_schedule(optimizer, kind, warmup_ratio, total, state=None):
     if state and "schedule" in state:
         saved, done = state["schedule"], state["scheduler"]["last_epoch"]
         warmup, knot = saved["warmup"], saved["knot"]
-        if saved["total"] != total and kind == "linear" and done >= warmup:
+        if saved["total"] != total and kind == "linear" and warmup <= done < total:
             knot = (done, lr_factor(done, warmup, saved["total"], "linear", knot))
             tqdm.write(f"note: the learning rate decays from {knot[1]:.3g} x its peak to 0 over "
                        f"the {total - done} updates left (the checkpoint's run: "

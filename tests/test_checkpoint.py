@@ -283,6 +283,31 @@ def test_a_resume_with_a_new_horizon_decays_on_from_where_the_rate_was(
     assert "decays from 0.5 x its peak to 0 over the 18 updates left" in capsys.readouterr().out
 
 
+def test_a_resume_with_nothing_left_to_train_is_refused_and_changes_nothing(
+    tmp_path, tiny_model_dir, reward_file
+):
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=4, save_steps=2))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    for horizon, at in ((2, "checkpoint-2"), (4, "checkpoint-4")):  # a horizon reached, passed
+        with pytest.raises(UserError, match=f"{at} is at step {at[-1]}, the run's last is "
+                           f"{horizon}: nothing left to train; raise --max_steps"):
+            train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=horizon,
+                                           save_steps=2, resume=out / at))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} \
+        == before  # the log keeps steps 3 and 4
+
+
+def test_a_schedule_resumed_at_its_new_last_update_does_not_divide_by_zero():
+    from r1v import schedule
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    state = {"schedule": {"warmup": 0, "total": 200, "knot": None},
+             "scheduler": {"last_epoch": 100}}
+    scheduler, saved = schedule.lr_schedule(optimizer, "linear", 0.0, 100, state)
+    assert saved["knot"] is None and scheduler.get_last_lr() == [1e-3]
+
+
 @pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, tiny_model_dir, reward_file):
     out = tmp_path / "run"
