@@ -95,7 +95,10 @@ def faking():
         FakeTensor.__float__, FakeTensor.__bool__ = to_float, to_bool
         fake_tensor.CONSTANT_NUMEL_LIMIT = limit
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
-        os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK") if check is None else None
+        if check is None:
+            del os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"]
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = check
 
 
 class NF4Linear(torch.nn.Linear):

@@ -173,8 +173,8 @@ def kinds(parts):
     return out
 
 
-def report(planned, gpu_memory_gib=None):
-    """The plan of `planned(**changes)` (a run's settings with `changes`: the phases' peaks,
+def report(planned, gpu_memory_gib=None, settings=None):
+    """The plan of `planned(**changes)` (a run's `settings` with `changes`: the phases' peaks,
     the adapter's bytes) as memory_plan.json holds it, printed; if it does not fit, the
     estimates of the settings that would make it fit."""
     if gpu_memory_gib is None:
@@ -196,18 +196,22 @@ def report(planned, gpu_memory_gib=None):
               "peak_where": phases[top]["where"], "not_modelled": NOT_MODELLED}
     print(describe(result))
     if not result["fits"]:
-        result["alternatives"] = alternatives(planned, gpu_memory_gib, result["peak_gib"])
+        result["alternatives"] = alternatives(planned, gpu_memory_gib, result["peak_gib"],
+                                              settings or {})
     return result
 
 
-def alternatives(planned, gpu_memory_gib, now):
+def alternatives(planned, gpu_memory_gib, now, settings):
     """Settings that may lower the run's peak `now` (GiB), each planned and printed with its
-    saving: a smaller micro-batch, QLoRA, smaller images, smaller vocabulary and prefill chunks."""
+    saving: a smaller micro-batch, QLoRA, smaller images, smaller vocabulary and prefill chunks;
+    none that the run's `settings` already have."""
     options = [dict(micro_batch_size=2), dict(micro_batch_size=1), dict(load_in_4bit=True),
                dict(logp_chunk_size=256, prefill_chunk_size=128), dict(max_pixels=200704),
                dict(load_in_4bit=True, micro_batch_size=2, logp_chunk_size=256)]
     found = []
     for changes in options:
+        if all(settings.get(k) == v for k, v in changes.items()):
+            continue  # the run's own: its plan is the one above
         phases, _ = planned(**changes)
         peak = max(v["total"] for v in phases.values()) / GiB
         found.append({"change": " ".join(f"--{k} {v}" if v is not True else f"--{k}"
@@ -251,7 +255,7 @@ def plan_run(cfg, loss):
         run = dataclasses.replace(cfg, **changes)
         return plan(lambda model, mb: loss(model, mb, run, len(mb), 1),
                     **{k: getattr(run, k) for k in FLAGS})
-    result = report(planned, cfg.gpu_memory_gib)
+    result = report(planned, cfg.gpu_memory_gib, dataclasses.asdict(cfg))
     path = runs.writable_dir(cfg.output_dir, "--output_dir") / "memory_plan.json"
     runs.write_atomic(path, json.dumps({**result, "settings": dataclasses.asdict(cfg)}, indent=2))
     print(f"the plan is in {path}")

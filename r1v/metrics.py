@@ -151,6 +151,8 @@ def write_logs(out, metrics, scored, samples_every, num_samples, gold_of):
                     "rewards": {n: v[i] for n, v in scored.parts.items()}}
                    for i in range(min(num_samples, len(scored.texts)))]
     for name, lines in (("metrics.jsonl", [row]), ("samples.jsonl", samples)):
+        if not lines:  # no samples this step: the file is not even opened
+            continue
         path = out / name
         with cli.user_error(f"cannot write {path}", OSError, hint="; the checkpoints are "
                             "intact: free space and continue with --resume"), open(path, "a") as f:

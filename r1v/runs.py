@@ -120,7 +120,7 @@ def truncate_log(path, last_step):
     if path.is_file():
         keep = [row for _, row in read_log(path)[0]
                 if isinstance(row, dict) and row.get("step", last_step + 1) <= last_step]
-        path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))  # a kill: all kept
 
 
 def changed(saved, current, keys):

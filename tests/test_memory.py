@@ -82,6 +82,7 @@ def test_a_plan_that_does_not_fit_names_what_would(tiny_model_dir, tmp_path, cap
     assert not result["fits"] and result["gpu_memory_gib"] == 0.5
     changes = {a["change"]: a["peak_gib"] for a in result["alternatives"]}
     assert "--load_in_4bit" in changes and "--micro_batch_size 1" in changes
+    assert "--micro_batch_size 2" not in changes  # the run's own, planned above
     assert changes["--micro_batch_size 1"] <= result["peak_gib"]
     saving = changes["--micro_batch_size 1"] - result["peak_gib"]
     assert f"with --micro_batch_size 1: {changes['--micro_batch_size 1']:.2f} GiB " \
