@@ -257,7 +257,8 @@ def held_out_examples(cfg, view, task_type):
 def check_inputs(cfg, procs):
     """Everything that can be checked before the run folder is touched or a model loads, in the
     README's order ("When things go wrong"). Returns the config with its rewards resolved, the
-    Run so far, the rows' prompt texts, the checkpoint to resume and what --overwrite clears."""
+    Run so far, the rows' prompt texts, the checkpoint to resume and what --overwrite clears;
+    None if the checkpoint to resume is the run's last step."""
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
     held = runs.held_run(out, cfg.resume, cfg.overwrite)
@@ -277,10 +278,13 @@ def check_inputs(cfg, procs):
     checkpoint = runs.find_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint:
         runs.check_resumable(checkpoint[0], checkpoint[2], dataclasses.asdict(cfg), RESUMABLE)
-        if checkpoint[1]["step"] >= run.max_steps:
-            raise UserError(f"--resume: {checkpoint[0]} is at step {checkpoint[1]['step']}, the "
-                            f"run's last is {run.max_steps}: nothing left to train; raise "
-                            "--max_steps to go on")
+        if checkpoint[1]["step"] > run.max_steps:
+            raise UserError(f"--resume: {checkpoint[0]} is at step {checkpoint[1]['step']}, past "
+                            f"the run's last, {run.max_steps}: raise --max_steps to go on")
+        if checkpoint[1]["step"] == run.max_steps:  # finished (a job retried?): nothing changes
+            tqdm.write(f"nothing left to train: {checkpoint[0]} is the run's last step; raise "
+                       "--max_steps to go on")
+            return None
     if cfg.model != demo.MODEL:
         see_as(cfg.model, run, cfg, prompt_rows)
     else:  # its model is built into the run folder after these checks: its tokenizer now
@@ -312,8 +316,12 @@ def load_model(cfg, device, name=None):
 def setup(cfg, procs):
     """0. The checks; then --overwrite clears the old run; the model (the demo's built here),
     its prompt, a fresh LoRA adapter (the same on every process), the optimizer and its
-    schedule; on --resume, the checkpoint's state. Returns the Run and the config it uses."""
-    cfg, run, prompt_rows, checkpoint, held = check_inputs(cfg, procs)
+    schedule; on --resume, the checkpoint's state. Returns the Run (None: nothing left to
+    train) and the config it uses."""
+    checked = check_inputs(cfg, procs)
+    if checked is None:  # a finished run
+        return None, cfg
+    cfg, run, prompt_rows, checkpoint, held = checked
     if procs.main:
         runs.clear(run.out, held)
     procs.accelerator.wait_for_everyone()
@@ -394,6 +402,8 @@ def train(cfg):
         if procs.main:  # one run a folder, for the run's life
             cleanup.enter_context(runs.locked(cfg.output_dir, "--output_dir"))
         run, cfg = setup(cfg, procs)
+        if run is None:  # nothing was left to train
+            return None
         cleanup.callback(procs.accelerator.end_training)  # flushes the tracker, on errors too
         stop = cleanup.enter_context(processes.stop_on_sigint(procs.main))
         gen_config = policy.generation_config(

@@ -283,17 +283,24 @@ def test_a_resume_with_a_new_horizon_decays_on_from_where_the_rate_was(
     assert "decays from 0.5 x its peak to 0 over the 18 updates left" in capsys.readouterr().out
 
 
-def test_a_resume_with_nothing_left_to_train_is_refused_and_changes_nothing(
-    tmp_path, tiny_model_dir, reward_file
-):
+def test_a_resume_with_nothing_left_to_train_changes_nothing(tmp_path, tiny_model_dir,
+                                                              reward_file, capsys, monkeypatch):
+    """A finished run resumed again (a job retried) ends at once; a checkpoint past the
+    horizon is an error. Either way every file stays as it was, the log's later steps too."""
     out = tmp_path / "run"
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=4, save_steps=2))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
-    for horizon, at in ((2, "checkpoint-2"), (4, "checkpoint-4")):  # a horizon reached, passed
-        with pytest.raises(UserError, match=f"{at} is at step {at[-1]}, the run's last is "
-                           f"{horizon}: nothing left to train; raise --max_steps"):
-            train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=horizon,
-                                           save_steps=2, resume=out / at))
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    for horizon, at in ((4, "checkpoint-4"), (2, "checkpoint-2")):  # the last step, an earlier
+        capsys.readouterr()
+        assert train.train(_tiny_train_config(tiny_model_dir, out, reward_file, save_steps=2,
+                                              max_steps=horizon, resume=out / at)) is None
+        assert f"nothing left to train: {out / at} is the run's last step; raise --max_steps" \
+            in capsys.readouterr().out
+    with pytest.raises(UserError, match="checkpoint-4 is at step 4, past the run's last, 3: "
+                       "raise --max_steps to go on"):
+        train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3,
+                                       save_steps=2, resume=out / "checkpoint-4"))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} \
         == before  # the log keeps steps 3 and 4
 

@@ -1,6 +1,7 @@
 """Several processes (torchrun, accelerate launch; gloo on CPU) and the trackers (--report_to):
 the same update as one process, a demo that learns, exact resume, files written once."""
 
+import contextlib
 import json
 import os
 import signal
@@ -136,11 +137,14 @@ def test_a_killed_two_process_run_resumes_to_the_same_metrics(two_process_demo, 
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wait_for(lambda: (out / "checkpoint-4").is_dir(), p, timeout=600)
-    os.killpg(p.pid, signal.SIGKILL)  # the launcher and both processes, mid-run
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
+    for group in [*map(int, workers.stdout.split()), p.pid]:  # mid-run: the processes, each in
+        with contextlib.suppress(ProcessLookupError):        # a session of its own (torchrun's),
+            os.killpg(group, signal.SIGKILL)                 # and the launcher
     p.wait()
     resumed = run(accelerate_launch(ROOT / "train.py", *args, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert f"resumed from {out / 'checkpoint-4'}" in resumed.stdout + resumed.stderr
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 9))  # no gap, no duplicate
     for x, y in zip(straight[:8], rows, strict=False):
