@@ -275,16 +275,10 @@ def check_inputs(cfg, procs):
               held_out, *scoring)
     run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
     run.max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * run.steps_per_epoch))
-    checkpoint = runs.find_checkpoint(out, cfg.resume) if cfg.resume else None
-    if checkpoint:
-        runs.check_resumable(checkpoint[0], checkpoint[2], dataclasses.asdict(cfg), RESUMABLE)
-        if checkpoint[1]["step"] > run.max_steps:
-            raise UserError(f"--resume: {checkpoint[0]} is at step {checkpoint[1]['step']}, past "
-                            f"the run's last, {run.max_steps}: raise --max_steps to go on")
-        if checkpoint[1]["step"] == run.max_steps:  # finished (a job retried?): nothing changes
-            tqdm.write(f"nothing left to train: {checkpoint[0]} is the run's last step; raise "
-                       "--max_steps to go on")
-            return None
+    checkpoint = cfg.resume and runs.to_resume(out, cfg.resume, dataclasses.asdict(cfg),
+                                               RESUMABLE, run.max_steps)
+    if cfg.resume and not checkpoint:  # the run's last step: nothing left to train
+        return None
     if cfg.model != demo.MODEL:
         see_as(cfg.model, run, cfg, prompt_rows)
     else:  # its model is built into the run folder after these checks: its tokenizer now

@@ -238,6 +238,22 @@ def find_checkpoint(out, resume):
     raise UserError(f"--resume: no complete checkpoint in {out} (start afresh with --overwrite)")
 
 
+def to_resume(out, resume, current, resumable, max_steps):
+    """The checkpoint --resume continues, checked (find_checkpoint, check_resumable); None when
+    it is the run's last step, `max_steps`: a finished run resumed again (a job retried) ends,
+    every file as it was."""
+    path, state, saved = checkpoint = find_checkpoint(out, resume)
+    check_resumable(path, saved, current, resumable)
+    if state["step"] > max_steps:
+        raise UserError(f"--resume: {path} is at step {state['step']}, past the run's last, "
+                        f"{max_steps}: raise --max_steps to go on")
+    if state["step"] == max_steps:
+        tqdm.write(f"nothing left to train: {path} is the run's last step; raise --max_steps "
+                   "to go on")
+        return None
+    return checkpoint
+
+
 def check_resumable(path, saved, current, resumable):
     """A resume must keep every setting the saved state depends on (all but `resumable`)."""
     differ = changed(saved, current, [k for k in current if k not in resumable])
