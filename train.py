@@ -383,9 +383,19 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
                                                dataclasses.asdict(cfg), cfg.save_total_limit)
 
 
+def plan_memory(cfg):
+    """--plan_memory (r1v/memory.py) with the trainer's own micro-batch loss; the demo's model
+    is planned from its config and processor, built as its run would build them."""
+    if cfg.model != demo.MODEL:
+        return memory.plan_run(cfg, micro_batch_loss)
+    with tempfile.TemporaryDirectory() as folder:
+        built = demo.build_untrained(folder, cfg.seed, cfg.synthetic_tasks, weights=False)
+        return memory.plan_run(cfg, micro_batch_loss, model=built)
+
+
 def train(cfg):
     if cfg.plan_memory:  # the run planned, not run: no data is read, no weights
-        return memory.plan_run(cfg, micro_batch_loss)
+        return plan_memory(cfg)
     started, procs = time.time(), processes.Processes(cfg.output_dir, cfg.report_to,
                                                       cfg.prompts_per_step)
     if cfg.use_liger is None:  # on where its kernels run

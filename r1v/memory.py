@@ -241,9 +241,10 @@ def describe(result):
                       f"not modelled: {NOT_MODELLED}"])
 
 
-def plan_run(cfg, loss):
+def plan_run(cfg, loss, model=None):
     """--plan_memory: the run of train.py's `cfg`, planned with the trainer's own micro-batch
-    `loss(model, mb, cfg, num_sequences, num_tokens)`; memory_plan.json in its --output_dir."""
+    `loss(model, mb, cfg, num_sequences, num_tokens)` (on `model`'s config, if given, not
+    --model's); memory_plan.json in its --output_dir."""
     import dataclasses
     import json
 
@@ -253,8 +254,9 @@ def plan_run(cfg, loss):
 
     def planned(**changes):
         run = dataclasses.replace(cfg, **changes)
-        return plan(lambda model, mb: loss(model, mb, run, len(mb), 1),
-                    **{k: getattr(run, k) for k in FLAGS})
+        flags = {k: getattr(run, k) for k in FLAGS}
+        return plan(lambda peft_model, mb: loss(peft_model, mb, run, len(mb), 1),
+                    **{**flags, "model": model or run.model})
     result = report(planned, cfg.gpu_memory_gib, dataclasses.asdict(cfg))
     path = runs.writable_dir(cfg.output_dir, "--output_dir") / "memory_plan.json"
     runs.write_atomic(path, json.dumps({**result, "settings": dataclasses.asdict(cfg)}, indent=2))

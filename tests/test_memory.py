@@ -89,6 +89,25 @@ def test_a_plan_that_does_not_fit_names_what_would(tiny_model_dir, tmp_path, cap
         f"({saving:+.2f})" in capsys.readouterr().out
 
 
+def test_the_demo_is_planned_on_the_model_its_run_would_build(tmp_path):
+    """--demo --plan_memory: the demo's model is built into its run folder only when it runs;
+    the plan builds its config and processor (no weights) and plans them, the run folder left
+    without a model."""
+    flags = ["--prompts_per_step", "2", "--num_generations", "2", "--micro_batch_size", "2",
+             "--max_pixels", "12544"]
+    for tasks in ("background", "locate"):  # a Qwen2-VL; a Qwen2.5-VL for grounding
+        out = tmp_path / tasks
+        demo_plan = train.train(train.parse_config(["--demo", "--plan_memory", "--output_dir",
+                                                    str(out), "--synthetic_tasks", tasks, *flags]))
+        assert sorted(p.name for p in out.iterdir()) == ["memory_plan.json"]
+        assert json.loads((out / "memory_plan.json").read_text())["settings"]["model"] == "demo"
+        built = demo.build_untrained(tmp_path / f"{tasks}-model", 0, [tasks], weights=False)
+        cfg = train.parse_config(["--demo", "--model", built, "--plan_memory", "--output_dir",
+                                  str(tmp_path / f"{tasks}-plan"), "--synthetic_tasks", tasks,
+                                  *flags])
+        assert demo_plan == memory.plan_run(cfg, train.micro_batch_loss)
+
+
 @pytest.mark.slow
 def test_the_paper_run_on_the_2b_architecture_plans_within_its_targets(tmp_path):
     """Qwen2-VL-2B's config alone (no weights, no processor), the paper's settings: the command
