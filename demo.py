@@ -7,8 +7,10 @@ so a freshly built demo model writes `</think> <answer> X </answer>` but sits at
 rise in accuracy (or IoU) during the demo comes from the GRPO updates.
 """
 
+import contextlib
 import json
 import random
+import tempfile
 from pathlib import Path
 
 import torch
@@ -82,6 +84,18 @@ def build_untrained(folder, seed, tasks, weights=True):
     return str(tiny.build_tiny_model(folder, synthetic_vocabulary(grounding_tasks), seed=seed,
                                      family="qwen2_5_vl" if grounding_tasks else "qwen2_vl",
                                      weights=weights))
+
+
+@contextlib.contextmanager
+def model_files(name, seed, tasks):
+    """`name`; for the demo's model, which its run builds only after every check, a temporary
+    folder with its config and processor (build_untrained): all a prompt's length or the
+    memory plan needs."""
+    if name != MODEL:
+        yield name
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        yield build_untrained(folder, seed, tasks, weights=False)
 
 
 def build_demo_model(folder, seed, tasks, image_size):

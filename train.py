@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -279,12 +278,8 @@ def check_inputs(cfg, procs):
                                                RESUMABLE, run.max_steps)
     if cfg.resume and not checkpoint:  # the run's last step: nothing left to train
         return None
-    if cfg.model != demo.MODEL:
-        see_as(cfg.model, run, cfg, prompt_rows)
-    else:  # its model is built into the run folder after these checks: its tokenizer now
-        with tempfile.TemporaryDirectory() as folder:
-            see_as(demo.build_untrained(folder, cfg.seed, cfg.synthetic_tasks, weights=False),
-                   run, cfg, prompt_rows)
+    with demo.model_files(cfg.model, cfg.seed, cfg.synthetic_tasks) as name:
+        see_as(name, run, cfg, prompt_rows)  # the demo's model is built after these checks
     procs.start_tracker(cfg.report_to, dataclasses.asdict(cfg), out,
                         checkpoint[1]["step"] if checkpoint else 0)
     return cfg, run, prompt_rows, checkpoint, held
@@ -383,19 +378,10 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
                                                dataclasses.asdict(cfg), cfg.save_total_limit)
 
 
-def plan_memory(cfg):
-    """--plan_memory (r1v/memory.py) with the trainer's own micro-batch loss; the demo's model
-    is planned from its config and processor, built as its run would build them."""
-    if cfg.model != demo.MODEL:
-        return memory.plan_run(cfg, micro_batch_loss)
-    with tempfile.TemporaryDirectory() as folder:
-        built = demo.build_untrained(folder, cfg.seed, cfg.synthetic_tasks, weights=False)
-        return memory.plan_run(cfg, micro_batch_loss, model=built)
-
-
 def train(cfg):
     if cfg.plan_memory:  # the run planned, not run: no data is read, no weights
-        return plan_memory(cfg)
+        with demo.model_files(cfg.model, cfg.seed, cfg.synthetic_tasks) as name:
+            return memory.plan_run(cfg, micro_batch_loss, model=name)
     started, procs = time.time(), processes.Processes(cfg.output_dir, cfg.report_to,
                                                       cfg.prompts_per_step)
     if cfg.use_liger is None:  # on where its kernels run
