@@ -22,6 +22,9 @@ def check_source(source, flag):
     seconds (the libraries would retry for minutes). A missing local path is an error."""
     from huggingface_hub import constants
 
+    if Path(source).is_file():  # a hub dataset on disk is a folder
+        raise UserError(f"{flag} {source}: a file of rows must be JSON lines named *.jsonl "
+                        "(README \"Your own task\"); a folder is read as a hub dataset")
     if Path(source).exists():
         return True
     if source.count("/") != 1 or source.startswith((".", "/", "~")) or Path(source).suffix:

@@ -37,7 +37,10 @@ def task_type(fields):
 
 def fitted_size(width, height, min_pixels, max_pixels):
     """(width, height) after resizing: aspect kept, sides multiples of 28, area in [min, max]."""
-    height, width = smart_resize(height, width, PATCH_FACTOR, min_pixels, max_pixels)
+    try:
+        height, width = smart_resize(height, width, PATCH_FACTOR, min_pixels, max_pixels)
+    except ValueError as e:  # e.g. a side over 200 times the other: the processor's limit
+        raise ValueError(f"a {width}x{height} image is not one the model takes ({e})") from e
     return width, height
 
 
@@ -185,10 +188,10 @@ class Examples(Rows):
             size = verified_size(image)
             if check_fields(fields, size) != self.task_type:
                 raise ValueError(f"a {task_type(fields)} row among {self.task_type} rows")
-        except READ_ERRORS as e:
+            tokens = image_tokens(*size, self.view.min_pixels, self.view.max_pixels)
+        except READ_ERRORS as e:  # image_tokens: an image the model cannot take (its shape)
             raise UserError(f"{self.where(i)}: {e}") from e
-        return (self.question(fields),
-                image_tokens(*size, self.view.min_pixels, self.view.max_pixels))
+        return self.question(fields), tokens
 
 
 class Source(NamedTuple):
@@ -213,7 +216,7 @@ def load_jsonl(path, limit=0, flag="--dataset"):
         raise UserError(f"{flag}: file {str(path)!r} does not exist")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM some editors write first is not a row's
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from e

@@ -175,6 +175,30 @@ def test_jsonl_errors_name_file_and_line(tmp_path, row, message):
         stored.check_rows(data.load_examples(str(path)))
 
 
+def test_jsonl_with_a_byte_order_mark_crlf_ends_and_an_image_too_thin_for_the_model(tmp_path):
+    """A BOM (some editors write one) and \r\n line ends are text; an image whose sides differ
+    over 200-fold, which the processor refuses, is its row's error, not a traceback."""
+    Image.new("RGB", (80, 60)).save(tmp_path / "a.png")
+    Image.new("RGB", (3000, 10)).save(tmp_path / "thin.png")
+    good = {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\r\n"
+                                                 for r in (good, good)))
+    assert len(stored.check_rows(data.load_examples(str(path)))) == 2
+    write_jsonl(path, [good, {**good, "image": "thin.png"}])
+    with pytest.raises(ValueError, match=r"task.jsonl:2: a 3000x10 image is not one the model "
+                       r"takes \(absolute aspect ratio must be smaller than 200"):
+        stored.check_rows(data.load_examples(str(path)))
+
+
+def test_a_local_file_not_named_jsonl_is_refused_as_such(tmp_path):
+    path = tmp_path / "task.JSONL"
+    path.write_text("{}\n")
+    with pytest.raises(ValueError, match=r"--dataset .*task.JSONL: a file of rows must be JSON "
+                       r"lines named \*.jsonl"):
+        data.load_examples(str(path), flag="--dataset")
+
+
 def test_jsonl_unreadable_image_is_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"not a png")
     path = write_jsonl(
