@@ -124,7 +124,8 @@ def run(main, argv=None):
         return main(argv)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+            lines = str(e).splitlines()  # a library's message may hold line breaks
+            print(f"error: {' '.join(line.strip() for line in lines)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once, quietly
         print("stopped", file=sys.stderr)

@@ -209,6 +209,7 @@ def alternatives(planned, gpu_memory_gib, now, settings):
                dict(logp_chunk_size=256, prefill_chunk_size=128), dict(max_pixels=200704),
                dict(load_in_4bit=True, micro_batch_size=2, logp_chunk_size=256)]
     found = []
+    print("planning the settings that may lower it, each as long as the plan above:", flush=True)
     for changes in options:
         if all(settings.get(k) == v for k, v in changes.items()):
             continue  # the run's own: its plan is the one above
@@ -251,6 +252,8 @@ def plan_run(cfg, loss, model=None):
     from r1v import runs
 
     cfg = dataclasses.replace(cfg, use_liger=cfg.use_liger is not False)  # a CUDA run's default
+    print(f"planning a step of {cfg.model} as fake tensors (no weights): about a minute on a "
+          "CPU for a 2B model, longer for larger ones", flush=True)
 
     def planned(**changes):
         run = dataclasses.replace(cfg, **changes)

@@ -251,6 +251,12 @@ def to_resume(out, resume, current, resumable, max_steps):
         tqdm.write(f"nothing left to train: {path} is the run's last step; raise --max_steps "
                    "to go on")
         return None
+    later = [c for c in list_checkpoints(out) if int(c.name.split("-")[1]) > state["step"]]
+    if later and resume != "latest":  # else the later ones are unreadable, and warned of
+        raise UserError(f"--resume {path}: the run went on to {later[-1]}; resuming step "
+                        f"{state['step']} would cut its log and replace its later checkpoints. "
+                        f"To go back, move {', '.join(c.name for c in later)} out of {out} "
+                        "first; to go on, --resume alone")
     return checkpoint
 
 

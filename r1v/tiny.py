@@ -154,3 +154,4 @@ if __name__ == "__main__":  # python -m r1v.tiny qwen2-vl-2b FOLDER: an architec
     if len(sys.argv) != 3 or sys.argv[1] not in ARCHITECTURES:
         sys.exit(f"usage: python -m r1v.tiny {{{','.join(ARCHITECTURES)}}} FOLDER")
     architecture(sys.argv[1]).save_pretrained(sys.argv[2])
+    print(f"wrote {sys.argv[2]}/config.json ({sys.argv[1]}; no weights, no processor)")

@@ -1,6 +1,7 @@
 """Checkpoints, exact resume, Ctrl-C, non-finite steps and QLoRA, on the tiny model on CPU."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,7 @@ def test_a_resume_with_a_new_horizon_decays_on_from_where_the_rate_was(
     out = tmp_path / "run"
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=6, save_steps=3))
     first = [m["learning_rate"] for m in metrics(out)]
+    shutil.move(out / "checkpoint-6", tmp_path / "checkpoint-6")  # back to step 3, as told to
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=12, save_steps=3,
                                    resume=out / "checkpoint-3"))
     rates = [m["learning_rate"] for m in metrics(out)]
@@ -303,6 +305,21 @@ def test_a_resume_with_nothing_left_to_train_changes_nothing(tmp_path, tiny_mode
                                        save_steps=2, resume=out / "checkpoint-4"))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} \
         == before  # the log keeps steps 3 and 4
+
+
+def test_a_resume_from_before_the_runs_newest_checkpoint_is_refused(tmp_path, tiny_model_dir,
+                                                                    reward_file):
+    """--resume D/checkpoint-2 of a run that went on to checkpoint-4 would cut the log of steps
+    3-4 and leave checkpoint-4 of another branch beside the new ones: refused, files kept."""
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=4, save_steps=2))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(UserError, match=r"--resume .*checkpoint-2: the run went on to "
+                       r".*checkpoint-4; .* move checkpoint-4 out of .*run first"):
+        train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=6,
+                                       save_steps=2, resume=out / "checkpoint-2"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} \
+        == before
 
 
 def test_a_schedule_resumed_at_its_new_last_update_does_not_divide_by_zero():
