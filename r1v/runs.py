@@ -61,6 +61,7 @@ def locked(folder, flag):
     """`folder` (created if needed) is this process's alone while inside: a run or evaluation
     started into it meanwhile is a one-line error naming the holder. The lock is the kernel's
     (flock), so a process that dies holds nothing; its pid, left in the file, is noted."""
+    new = not Path(folder).exists()
     folder = writable_dir(folder, flag)
     with open(folder / ".lock", "a+") as f:
         f.seek(0)
@@ -79,6 +80,9 @@ def locked(folder, flag):
             yield folder
         finally:
             f.truncate(0)
+            if new and [p.name for p in folder.iterdir()] == [".lock"]:  # a run that failed
+                (folder / ".lock").unlink()  # at its checks leaves no folder it made
+                folder.rmdir()
 
 
 def write_atomic(path, content, what=None):
@@ -235,7 +239,8 @@ def find_checkpoint(out, resume):
             return path, *read_checkpoint(path)
         except ValueError as e:
             tqdm.write(f"warning: skipping {path}: {e}")
-    raise UserError(f"--resume: no complete checkpoint in {out} (start afresh with --overwrite)")
+    raise UserError(f"--resume: no complete checkpoint in {out}: start afresh without --resume "
+                    "(and with --overwrite if the folder holds a run)")
 
 
 def to_resume(out, resume, current, resumable, max_steps):

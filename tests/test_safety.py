@@ -176,6 +176,7 @@ def test_the_demos_prompt_lengths_are_checked_before_overwrite_clears(tmp_path):
 def test_a_folder_in_use_is_refused_and_a_dead_holder_is_noted(tmp_path, tiny_model_dir,
                                                                 capsys):
     out = tmp_path / "run"
+    out.mkdir()  # a folder that was there: the lock's file stays (one it made goes with it)
     with runs.locked(out, "--output_dir"):  # as another run or evaluation writing there
         with pytest.raises(UserError, match=f"{out} is in use by process {os.getpid()}"):
             train.train(train.parse_config(args(tiny_model_dir, out)))
@@ -187,6 +188,20 @@ def test_a_folder_in_use_is_refused_and_a_dead_holder_is_noted(tmp_path, tiny_mo
     train.train(train.parse_config(args(tiny_model_dir, out)))
     assert "locked by process 999999, which has ended" in capsys.readouterr().out
     assert steps(out) == [1, 2]
+
+
+def test_a_run_that_fails_its_checks_leaves_no_folder_it_made(tmp_path, tiny_model_dir):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(UserError, match="--resume: no complete checkpoint"):
+        train.train(train.parse_config(args(tiny_model_dir, out, "--resume")))
+    with pytest.raises(UserError, match="nonsense"):
+        train.train(train.parse_config(args(tiny_model_dir, out, "--reward_funcs", "nonsense")))
+    assert not out.exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there stays, with the lock's file
+    with pytest.raises(UserError, match="nonsense"):
+        train.train(train.parse_config(args(tiny_model_dir, tmp_path / "kept",
+                                            "--reward_funcs", "nonsense")))
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == [".lock"]
 
 
 def test_config_json_records_the_rewards_the_run_used(tmp_path, tiny_model_dir):
