@@ -4,6 +4,7 @@ the same update as one process, a demo that learns, exact resume, files written 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +203,7 @@ def test_tensorboard_logs_the_metrics_and_a_resume_drops_what_came_after_its_che
     assert [s for s, _ in tensorboard_scalars(out / "r1v", "reward")] == [1, 2, 3]
     first = tensorboard_scalars(out / "r1v", "loss")
     assert list((out / "r1v").glob("*/hparams.yml"))  # the config, as the run's hyper-parameters
+    shutil.move(out / "checkpoint-3", tmp_path / "checkpoint-3")  # back to step 2, as told to
     train.main(tiny_args(tiny_model_dir, out, "--max_steps", 3, "--resume",
                          out / "checkpoint-2", "--report_to", "tensorboard"))
     again = tensorboard_scalars(out / "r1v", "loss")
