@@ -239,8 +239,7 @@ def find_checkpoint(out, resume):
             return path, *read_checkpoint(path)
         except ValueError as e:
             tqdm.write(f"warning: skipping {path}: {e}")
-    raise UserError(f"--resume: no complete checkpoint in {out}: start afresh without --resume "
-                    "(and with --overwrite if the folder holds a run)")
+    raise UserError(f"--resume: no complete checkpoint in {out}; start without --resume")
 
 
 def to_resume(out, resume, current, resumable, max_steps):
@@ -258,10 +257,9 @@ def to_resume(out, resume, current, resumable, max_steps):
         return None
     later = [c for c in list_checkpoints(out) if int(c.name.split("-")[1]) > state["step"]]
     if later and resume != "latest":  # else the later ones are unreadable, and warned of
-        raise UserError(f"--resume {path}: the run went on to {later[-1]}; resuming step "
-                        f"{state['step']} would cut its log and replace its later checkpoints. "
-                        f"To go back, move {', '.join(c.name for c in later)} out of {out} "
-                        "first; to go on, --resume alone")
+        raise UserError(f"--resume {path}: the run went on to {later[-1].name}; to go back to "
+                        f"step {state['step']}, move {', '.join(c.name for c in later)} out of "
+                        f"{out} first (the log past it is cut); to go on, --resume alone")
     return checkpoint
 
 
