@@ -53,7 +53,7 @@ class Config(RunFlags):
     num_train_epochs: float = flag(2.0, "epochs over the dataset when max_steps is 0", above=0)
     num_iterations: int = flag(1, "mu, optimizer updates per generation batch", min=1)
     beta: float = flag(0.04, "KL coefficient (k3, to the adapter-disabled model); 0 = no KL", min=0)
-    epsilon_low: float = flag(0.2, "lower clip range of the ratio", min=0)
+    epsilon_low: float = flag(0.2, "lower clip range of the ratio", min=0, below=1)
     epsilon_high: float = flag(0.2, "upper clip range (DAPO's clip-higher: 0.28)", min=0)
     loss_type: str = flag("grpo", "token aggregation (detail 6)", choices=grpo.LOSS_TYPES)
     scale_rewards: str = flag("group", "advantage std (detail 1)", choices=grpo.SCALES)
@@ -89,6 +89,10 @@ class Config(RunFlags):
         if self.reward_weights is not None and len(self.reward_weights) != len(funcs):
             raise UserError(f"--reward_weights has {len(self.reward_weights)} values for "
                             f"{len(funcs)} --reward_funcs")
+        if self.reward_weights is not None and not any(self.reward_weights):
+            raise UserError("--reward_weights are all 0: every advantage would be 0")
+        if self.eval_dataset and not self.eval_steps:  # else it would be silently unused
+            raise UserError("--eval_dataset is used every --eval_steps N steps: give N")
 
 
 def parse_config(argv=None):
@@ -287,9 +291,10 @@ def check_inputs(cfg, procs):
 
 def see_as(name, run, cfg, prompt_rows):
     """Model `name`'s processor and how it sees a row; every row's prompt length checked."""
+    config = models.load_config(name)  # first: its errors say more (no such folder, no config)
     run.processor = models.load_processor(name)
-    run.view = data.model_view(models.load_config(name), run.processor, cfg.prompt_format,
-                               cfg.min_pixels, cfg.max_pixels)
+    run.view = data.model_view(config, run.processor, cfg.prompt_format, cfg.min_pixels,
+                               cfg.max_pixels)
     rows.check_prompt_lengths(run.processor.tokenizer, prompt_rows, run.dataset.name, run.view,
                               cfg.max_prompt_length)
 

@@ -72,7 +72,8 @@ def eos_ids(name, processor):
 def load_processor(name, flag="--model"):
     from transformers import AutoProcessor
 
-    with user_error(f"{flag} {name!r}: cannot load its processor", OSError, hint=HUB_HINT):
+    with user_error(f"{flag} {name!r}: cannot load its processor", OSError, ValueError,
+                    hint=HUB_HINT):  # ValueError: a folder without the processor's files
         return AutoProcessor.from_pretrained(name)
 
 

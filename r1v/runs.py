@@ -22,8 +22,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "demo-base")
 
 def writable_dir(path, flag):
     """Create `path` if needed; a file in the way or no permission is a one-line error."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
+    if not str(path).strip():  # Path("") is the working folder: not what a user meant
+        raise UserError(f"{flag} is empty: name a folder")
+    if (path := Path(path)).exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -36,8 +37,10 @@ def writable_dir(path, flag):
 
 def held_run(out, resume, overwrite):
     """The files of the run `out` already holds, which --overwrite clears once every check has
-    passed (none with --resume, which continues it). A folder that holds a run is never reused
-    silently: without either flag it is an error."""
+    passed (none with --resume). A run is never reused silently, nor a config.json not a run's."""
+    if (out / "config.json").is_file() and b'"objective"' not in (out / "config.json").read_bytes():
+        raise UserError(f"--output_dir {out}: its config.json is not a run's (a model's?); "
+                        "choose another --output_dir")
     held = [p.name for p in out.iterdir()
             if p.name == "metrics.jsonl" or p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))]
     if not held or resume:
@@ -80,9 +83,8 @@ def locked(folder, flag):
             yield folder
         finally:
             f.truncate(0)
-            if new and [p.name for p in folder.iterdir()] == [".lock"]:  # a run that failed
-                (folder / ".lock").unlink()  # at its checks leaves no folder it made
-                folder.rmdir()
+            if new and [p.name for p in folder.iterdir()] == [".lock"]:  # failed at its checks
+                shutil.rmtree(folder)  # a folder it made, holding only the lock's file, goes
 
 
 def write_atomic(path, content, what=None):
@@ -102,9 +104,8 @@ def write_atomic(path, content, what=None):
 
 
 def read_log(path):
-    """The JSON rows of one of our own JSONL logs with their line numbers, [(line, row)], and the
-    number of a last line torn by a kill mid-write (dropped), or None. Any other line that is
-    not JSON is an error naming it."""
+    """The rows of one of our JSONL logs, [(line, row)], and the number of a last line torn by
+    a kill mid-write (dropped), or None; any other line that is not JSON is an error."""
     lines, rows = Path(path).read_text().split("\n"), []  # only \n ends a line (U+2028...)
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -244,8 +245,7 @@ def find_checkpoint(out, resume):
 
 def to_resume(out, resume, current, resumable, max_steps):
     """The checkpoint --resume continues, checked (find_checkpoint, check_resumable); None when
-    it is the run's last step, `max_steps`: a finished run resumed again (a job retried) ends,
-    every file as it was."""
+    it is the run's last step, `max_steps` (a job retried): every file as it was."""
     path, state, saved = checkpoint = find_checkpoint(out, resume)
     check_resumable(path, saved, current, resumable)
     if state["step"] > max_steps:

@@ -253,3 +253,45 @@ def test_eval_refuses_to_resume_predictions_of_edited_data_or_an_unreadable_reco
         evaluation.main(argv)
     assert checksums(out)["predictions.jsonl"] == kept["predictions.jsonl"]
     assert evaluation.main(argv + ["--overwrite"])["n"] == 6
+
+
+def test_a_folder_with_a_config_json_not_a_runs_is_not_written_over(tmp_path, tiny_model_dir):
+    """--output_dir a model's folder (or any whose config.json is not a run's): refused, even
+    with --overwrite, which clears runs only; an empty --output_dir is not the working folder."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_bytes((Path(tiny_model_dir) / "config.json").read_bytes())
+    before = checksums(model)
+    for extra in ((), ("--overwrite",)):
+        with pytest.raises(UserError, match=r"--output_dir .*model: its config.json is not a "
+                           r"run's \(a model's\?\); choose another --output_dir"):
+            train.train(train.parse_config(args(tiny_model_dir, model, *extra)))
+    assert checksums(model) == before
+    with pytest.raises(UserError, match="--output_dir is empty: name a folder"):
+        train.train(train.parse_config(args(tiny_model_dir, "")))
+    out = tmp_path / "run"  # a run's own config.json (one that failed before step 1) is reused
+    train.train(train.parse_config(args(tiny_model_dir, out, "--max_steps", "1")))
+    (out / "metrics.jsonl").unlink()
+    runs.clear(out, [p.name for p in out.glob("checkpoint-*")])
+    train.train(train.parse_config(args(tiny_model_dir, out, "--max_steps", "1")))
+    assert steps(out) == [1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--epsilon_low", "1.5"), "--epsilon_low must be below 1"),
+    (("--reward_weights", "0", "0"), "--reward_weights are all 0: every advantage would be 0"),
+    (("--eval_dataset", "held.jsonl"), "--eval_dataset is used every --eval_steps N steps"),
+])
+def test_values_that_would_make_a_wrong_run_are_refused(tmp_path, tiny_model_dir, extra,
+                                                        message):
+    with pytest.raises(UserError, match=message):
+        train.parse_config(args(tiny_model_dir, tmp_path / "run", *extra))
+
+
+def test_a_model_folder_that_is_empty_or_missing_is_one_line(tmp_path, tiny_model_dir):
+    (tmp_path / "empty").mkdir()
+    for model, message in ((tmp_path / "empty", "cannot load its config"),
+                           (tmp_path / "none", "does not exist")):
+        with pytest.raises(UserError, match=message):
+            train.train(train.parse_config([*args(tiny_model_dir, tmp_path / "run"),
+                                            "--model", str(model)]))
