@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from r1v import answers, cli, flags, grounding, hub, metrics, model, policy, rows, runs
+from r1v import answers, cli, decode, flags, grounding, hub, metrics, model, policy, rows, runs
 from r1v.cli import UserError
 
 # What produced a predictions.jsonl: a resume must match all of them.
@@ -76,12 +76,15 @@ def judge(example, response):
             "gold": example["gold"]}
 
 
-def predict(model, processor, items, batch_size, max_new_tokens, eos_ids=None):
-    """Judged rows for `items`, one greedy batched generate per `batch_size` items."""
+def predict(model, processor, items, batch_size, max_new_tokens, eos_ids=None, decoder=None):
+    """Judged rows for `items`, one greedy batched generate per `batch_size` items. With a
+    `decoder` (its static cache and compiled decode step), a short last batch is filled up with
+    its last item, whose copies are dropped: every call has the cache's shape."""
     gen = policy.generation_config(processor, eos_ids, max_new_tokens=max_new_tokens, greedy=True)
     for start in range(0, len(items), batch_size):
         batch = [items[i] for i in range(start, min(start + batch_size, len(items)))]
-        _, texts = policy.generate(model, processor, batch, gen)
+        filled = batch + batch[-1:] * (batch_size - len(batch)) if decoder else batch
+        _, texts = policy.generate(model, processor, filled, gen, decoder=decoder)
         yield from (judge(example, text) for example, text in zip(batch, texts))
 
 
@@ -95,22 +98,26 @@ def score(rows):
 
 def load_items(cfg):
     """The data, read and checked before any model (CV-Bench's rows as they are used): a
-    function that prompts and frames its items as a model's view says, and its content's
-    fingerprint (a JSONL file's hash; a hub dataset's own)."""
+    function that prompts and frames its items as a model's view says, its content's
+    fingerprint (a JSONL file's hash; a hub dataset's own) and, per row, its question and
+    visual tokens (CV-Bench's: at most --max_pixels')."""
     source = cfg.dataset or {"cvbench": hub.CVBENCH, "sat": "array/SAT",
                              **hub.REFCOCO}[cfg.benchmark]
     if cfg.benchmark == "cvbench":
         table = hub.read_cvbench(source, cfg.limit)
-        return (lambda view: hub.cvbench_items(table, source, view)), table._fingerprint
+        most = cfg.max_pixels // rows.PATCH_FACTOR**2
+        return ((lambda view: hub.cvbench_items(table, source, view)), table._fingerprint,
+                [(question, most) for question in table["prompt"]])
     synthetic = cfg.benchmark == "synthetic"  # the demo's rows: 200 unless --limit says
     examples = data.load_examples(source, cfg.split, cfg.limit or 200 * synthetic, cfg.seed,
                                   data.View(cfg.min_pixels, cfg.max_pixels), "--dataset",
                                   cfg.synthetic_tasks, cfg.synthetic_image_size)
-    rows.check_rows(examples)
+    prompt_rows = rows.check_rows(examples)
     task, name = ((Path(source).stem, Path(source).name) if cfg.benchmark == "jsonl" else
                   (",".join(cfg.synthetic_tasks), examples.name) if synthetic else
                   (cfg.split, cfg.benchmark))
-    return (lambda view: eval_items(examples.shown_as(view), task, name)), examples.fingerprint
+    return ((lambda view: eval_items(examples.shown_as(view), task, name)), examples.fingerprint,
+            prompt_rows)
 
 
 def load_done(out, record):
@@ -142,14 +149,29 @@ def load_for_eval(cfg, device):
     return (tuned.merge_and_unload() if cfg.merge_adapter else tuned).eval()
 
 
+def compiled_decoder(cfg, tuned, processor, view, prompt_rows, items):
+    """--compile_decode: one static KV cache for every batch (--batch_size prompts x the
+    longest prompt + --max_new_tokens) and the decode step compiled once; else None."""
+    if not cfg.compile_decode:
+        return None
+    longest = rows.check_prompt_lengths(processor.tokenizer, prompt_rows, "--dataset", view,
+                                        float("inf"))
+    decoder = decode.Decoder(tuned, min(cfg.batch_size, items), longest + cfg.max_new_tokens,
+                             True, cfg.compile_backend)
+    tqdm.write(decoder.describe())
+    return decoder
+
+
 def evaluate(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.compile_decode is None:  # on where it pays: CUDA graphs
+        cfg.compile_decode = device.type == "cuda"
     try:
         cfg.adapter and runs.check_adapter(cfg.adapter)
     except ValueError as e:  # before any model loads
         raise UserError(f"--adapter {cfg.adapter}: {e}") from e
     with runs.locked(cfg.output_dir, "--output_dir") as out:
-        shown_as, content = load_items(cfg)
+        shown_as, content, prompt_rows = load_items(cfg)
         config, processor = model.load_config(cfg.model), model.load_processor(cfg.model)
         view = data.model_view(config, processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
@@ -161,11 +183,12 @@ def evaluate(cfg):
         todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
         if todo:
             tuned = load_for_eval(cfg, device)
+            decoder = compiled_decoder(cfg, tuned, processor, view, prompt_rows, len(todo))
             subset = rows.Rows(items.name, len(todo), lambda j: items[todo[j]], items.where)
             with open(predictions, "a") as f, tqdm(total=len(items), desc=cfg.benchmark,
                                                    initial=len(items) - len(todo)) as bar:
                 for row in predict(tuned, processor, subset, cfg.batch_size, cfg.max_new_tokens,
-                                   model.eos_ids(cfg.model, processor)):
+                                   model.eos_ids(cfg.model, processor), decoder):
                     done[row["id"]] = row
                     f.write(json.dumps(row) + "\n")
                     f.flush()

@@ -28,7 +28,7 @@ import demo
 import eval as evaluation
 import grpo
 import rewards
-from r1v import cli, memory, metrics, policy, processes, rows, runs, schedule
+from r1v import cli, decode, memory, metrics, policy, processes, rows, runs, schedule
 from r1v import model as models
 from r1v.cli import UserError, flag
 from r1v.flags import RunFlags
@@ -105,16 +105,16 @@ RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume
              "eval_limit", "eval_dataset", "log_samples_steps", "num_samples", "save_steps",
              "save_total_limit", "max_nonfinite_steps", "micro_batch_size", "logp_chunk_size",
              "gradient_checkpointing", "use_liger", "static_cache", "report_to", "cpu_threads",
-             "prefill_chunk_size"}
+             "prefill_chunk_size", "compile_decode", "compile_backend"}
 
 
 # --- the step -----------------------------------------------------------------------------------
 
-def generate(model, processor, examples, gen_config, cfg, eos_ids):
+def generate(model, processor, examples, gen_config, cfg, eos_ids, decoder):
     """G completions per prompt in one batched call, masked up to and including the first EOS,
     from positions (detail 7)."""
     rollout, texts = policy.generate(model, processor, examples, gen_config,
-                                     cfg.num_generations, cfg.max_prompt_length)
+                                     cfg.num_generations, cfg.max_prompt_length, decoder)
     rollout.completion_mask = grpo.completion_mask(rollout.completion_ids, eos_ids)  # (N, C)
     return rollout, texts
 
@@ -225,6 +225,8 @@ class Run:
     processor: object = None
     view: data.View = None           # how the model sees a row: its prompt and box frame
     eos_ids: list = None             # every token that ends a completion
+    longest_prompt: int = 0          # tokens, of the training and held-out rows
+    decoder: decode.Decoder = None   # the static KV cache and compiled decode step, if any
     optimizer: object = None
     scheduler: object = None
     schedule: dict = None            # what a checkpoint keeps of the schedule
@@ -250,11 +252,11 @@ def held_out_examples(cfg, view, task_type):
     examples = data.load_examples(source, split, cfg.eval_limit, seed, view,
                                   "--eval_dataset" if cfg.eval_dataset else "--dataset",
                                   cfg.synthetic_tasks, cfg.synthetic_image_size)
-    rows.check_rows(examples, "checking held-out rows")
+    prompt_rows = rows.check_rows(examples, "checking held-out rows")
     if examples.task_type != task_type:
         raise UserError(f"--eval_dataset {source}: {examples.task_type} rows, but the training "
                         f"rows are {task_type}")
-    return examples
+    return examples, prompt_rows
 
 
 def check_inputs(cfg, procs):
@@ -273,7 +275,8 @@ def check_inputs(cfg, procs):
     scoring = given or rewards.load_rewards(specs, cfg.reward_weights)
     cfg = dataclasses.replace(cfg, reward_funcs=list(specs),  # as config.json records them
                               reward_weights=list(scoring[1].values()))
-    held_out = held_out_examples(cfg, pixels, dataset.task_type) if cfg.eval_steps else None
+    held_out, held_rows = (held_out_examples(cfg, pixels, dataset.task_type) if cfg.eval_steps
+                           else (None, []))
     run = Run(out, dataset, data.PromptSampler(len(dataset), cfg.prompts_per_step, cfg.seed),
               held_out, *scoring)
     run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
@@ -283,20 +286,26 @@ def check_inputs(cfg, procs):
     if cfg.resume and not checkpoint:  # the run's last step: nothing left to train
         return None
     with demo.model_files(cfg.model, cfg.seed, cfg.synthetic_tasks) as name:
-        see_as(name, run, cfg, prompt_rows)  # the demo's model is built after these checks
+        see_as(name, run, cfg, prompt_rows, held_rows)  # the demo's model is built later
     procs.start_tracker(cfg.report_to, dataclasses.asdict(cfg), out,
                         checkpoint[1]["step"] if checkpoint else 0)
-    return cfg, run, prompt_rows, checkpoint, held
+    return cfg, run, (prompt_rows, held_rows), checkpoint, held
 
 
-def see_as(name, run, cfg, prompt_rows):
-    """Model `name`'s processor and how it sees a row; every row's prompt length checked."""
+def see_as(name, run, cfg, prompt_rows, held_rows):
+    """Model `name`'s processor and how it sees a row; every row's prompt length checked, the
+    training's and the held-out's (the longest sizes the decode step's cache)."""
     config = models.load_config(name)  # first: its errors say more (no such folder, no config)
     run.processor = models.load_processor(name)
     run.view = data.model_view(config, run.processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
-    rows.check_prompt_lengths(run.processor.tokenizer, prompt_rows, run.dataset.name, run.view,
-                              cfg.max_prompt_length)
+    lengths = [rows.check_prompt_lengths(run.processor.tokenizer, prompt_rows, run.dataset.name,
+                                         run.view, cfg.max_prompt_length)]
+    if held_rows:
+        lengths.append(rows.check_prompt_lengths(run.processor.tokenizer, held_rows,
+                                                 run.held_out.name, run.view,
+                                                 cfg.max_prompt_length))
+    run.longest_prompt = max(lengths)
 
 
 def load_model(cfg, device, name=None):
@@ -305,6 +314,19 @@ def load_model(cfg, device, name=None):
         name or cfg.model, device, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, load_in_4bit=cfg.load_in_4bit, use_liger=cfg.use_liger,
         train_vision=cfg.train_vision, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def make_decoder(run, cfg, procs):
+    """The run's static KV cache (this process's N sequences x the longest prompt + the
+    completion) and, with --compile_decode, its compiled decode step; None: a dynamic cache."""
+    if not (cfg.compile_decode or cfg.static_cache):
+        return None
+    sequences = len(procs.share(range(cfg.prompts_per_step))) * cfg.num_generations
+    decoder = decode.Decoder(run.model, sequences, run.longest_prompt + cfg.max_completion_length,
+                             cfg.compile_decode, cfg.compile_backend)
+    if procs.main:
+        tqdm.write(decoder.describe())
+    return decoder
 
 
 def setup(cfg, procs):
@@ -325,12 +347,13 @@ def setup(cfg, procs):
         with procs.accelerator.main_process_first():  # built once, then found by the others
             name = demo.build_demo_model(run.out / "demo-base", cfg.seed, cfg.synthetic_tasks,
                                          cfg.synthetic_image_size)
-        see_as(name, run, cfg, prompt_rows)
+        see_as(name, run, cfg, *prompt_rows)
     run.dataset.shown_as(run.view)
     run.held_out = run.held_out and evaluation.eval_items(run.held_out.shown_as(run.view),
                                                           "held-out", run.held_out.name)
     run.model, run.eos_ids = load_model(cfg, procs.device, name), models.eos_ids(name,
                                                                                 run.processor)
+    run.decoder = make_decoder(run, cfg, procs)
     params = [p for p in run.model.parameters() if p.requires_grad]
     procs.start_equal(params)
     if procs.main:
@@ -359,9 +382,10 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
     step = row["step"]
     if cfg.eval_steps and (step % cfg.eval_steps == 0 or step == run.max_steps):
         mine = [run.held_out[i] for i in procs.share(range(len(run.held_out)))]
+        batch = run.decoder.batch_size if run.decoder else cfg.micro_batch_size  # one cache
         judged = procs.gather(list(evaluation.predict(
-            run.model, run.processor, mine, cfg.micro_batch_size, cfg.max_completion_length,
-            run.eos_ids)))
+            run.model, run.processor, mine, batch, cfg.max_completion_length, run.eos_ids,
+            run.decoder)))
         row["eval/mAP" if run.dataset.task_type == "ovd" else "eval/accuracy"] = \
             evaluation.score(sum(judged, []))
     if procs.main:
@@ -391,6 +415,8 @@ def train(cfg):
                                                       cfg.prompts_per_step)
     if cfg.use_liger is None:  # on where its kernels run
         cfg = dataclasses.replace(cfg, use_liger=procs.device.type == "cuda")
+    if cfg.compile_decode is None:  # on where it pays: CUDA graphs
+        cfg = dataclasses.replace(cfg, compile_decode=procs.device.type == "cuda")
     if cfg.cpu_threads and procs.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
     with contextlib.ExitStack() as cleanup:
@@ -404,12 +430,12 @@ def train(cfg):
         gen_config = policy.generation_config(
             run.processor, run.eos_ids, max_new_tokens=cfg.max_completion_length,
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            static_cache=cfg.static_cache, prefill_chunk_size=cfg.prefill_chunk_size)
+            prefill_chunk_size=cfg.prefill_chunk_size)
         report, row, saved, stopping = metrics.report_once(), {}, None, False
         for step in tqdm(range(run.start_step + 1, run.max_steps + 1), initial=run.start_step,
                          total=run.max_steps, desc=cfg.objective.upper(), dynamic_ncols=True,
                          disable=not procs.main):
-            t0 = time.time()
+            t0, timer = time.time(), metrics.PhaseTimer(procs.device)
             # 1. sample B prompts; this process takes its share (detail 15)
             examples, skipped = rows.take(run.dataset, procs.share(run.sampler.next_batch()),
                                           report)
@@ -418,8 +444,9 @@ def train(cfg):
                     data.answer_completion(ex) for ex in examples], procs.device), None
             else:
                 # 2. generate G completions per prompt, in one batched call
-                rollout, texts = generate(run.model, run.processor, examples, gen_config, cfg,
-                                          run.eos_ids)
+                with timer("generation"):
+                    rollout, texts = generate(run.model, run.processor, examples, gen_config,
+                                              cfg, run.eos_ids, run.decoder)
                 # 3. score them with the rewards; the metrics see every process's
                 scored = score(texts, examples, rollout, run.eos_ids, run.reward_funcs,
                                run.weights, cfg.num_generations, metrics.on_reward_error(report))
@@ -429,10 +456,12 @@ def train(cfg):
                                                    cfg.num_generations, cfg.scale_rewards)
                 rollout.advantages = procs.share(advantages)                   # (N,)
                 # 5. the sampling policy's and the reference's log-probs
-                add_old_and_ref_logps(run.model, rollout, cfg)
+                with timer("logp"):
+                    add_old_and_ref_logps(run.model, rollout, cfg)
             # 6. update the LoRA weights on micro-batches
             learning_rate = run.scheduler.get_last_lr()[0]
-            stats = update(run.model, run.optimizer, run.scheduler, rollout, cfg, procs)
+            with timer("update"):
+                stats = update(run.model, run.optimizer, run.scheduler, rollout, cfg, procs)
             stopping = metrics.count_step(run.counters, procs, rollout, skipped,
                                           stats.pop("nonfinite"), stop["requested"])
             # 7. log, evaluate, checkpoint
@@ -440,6 +469,8 @@ def train(cfg):
             row = {"step": step, "epoch": round(step / max(1, run.steps_per_epoch), 4),
                    **(metrics.rollout_metrics(scored, cfg.num_generations) if scored else {}),
                    **stats, **counted, "learning_rate": learning_rate,
+                   **timer.metrics(sum(scored.lengths) if scored else 0),
+                   **(run.decoder.stats() if run.decoder else decode.NOT_COMPILED),
                    "step_time": time.time() - t0}
             saved = evaluate_and_save(run, cfg, procs, row, scored, stopping) or saved
             if stopping:

@@ -32,6 +32,19 @@ class ModelFlags:
 
 
 @dataclass
+class DecodeFlags:
+    """How generation decodes (r1v/decode.py), in train.py and eval.py."""
+    compile_decode: bool | None = flag(
+        None, "compile the decode step once per run on a static KV cache sized from the rows "
+        "(on CUDA a CUDA graph: the first step compiles, a minute or more); with --load_in_4bit "
+        "the decode step runs eagerly (bitsandbytes' 4-bit layers break the graph)",
+        default_help="on with CUDA, off on CPU")
+    compile_backend: str = flag("inductor", "torch.compile backend of the decode step (eager, "
+                                "aot_eager: checks on CPU in seconds, no speed-up)",
+                                choices=("inductor", "cudagraphs", "aot_eager", "eager"))
+
+
+@dataclass
 class SyntheticFlags:
     """The offline demo's rows (--dataset synthetic), in train.py and eval.py."""
     synthetic_tasks: list[str] = flag(list(synthetic.CHOICE_TASKS), "synthetic question types: "
@@ -41,7 +54,7 @@ class SyntheticFlags:
 
 
 @dataclass
-class RunFlags(ModelFlags, SyntheticFlags):
+class RunFlags(ModelFlags, DecodeFlags, SyntheticFlags):
     # the data, and where the run goes
     dataset: str = flag("array/SAT", "hub id or folder in SAT's or RefCOCO's schema, a .jsonl "
                         "(choice, rec or ovd rows: README), or 'synthetic'")
@@ -60,8 +73,8 @@ class RunFlags(ModelFlags, SyntheticFlags):
     prefill_chunk_size: int = flag(256, "prompt tokens a prefill pass in generation (0: all at "
                                    "once); its activations scale with it", min=0)
     logp_chunk_size: int = flag(512, "completion tokens per vocabulary-projection chunk", min=1)
-    static_cache: bool = flag(False, "static KV cache in generation: on CUDA transformers compiles "
-                              "the decode step (the first steps compile, minutes)")
+    static_cache: bool = flag(False, "a static KV cache of one shape for the run in generation, "
+                              "without compiling (--compile_decode implies it)")
     # evaluation during training
     eval_steps: int = flag(0, "every N steps log eval/accuracy (0 = never)", min=0)
     eval_limit: int = flag(64, "held-out prompts per evaluation", min=1)
@@ -89,7 +102,7 @@ BENCHMARKS = ("cvbench", "sat", *hub.REFCOCO)
 
 
 @dataclass
-class EvalConfig(ModelFlags, SyntheticFlags):
+class EvalConfig(ModelFlags, DecodeFlags, SyntheticFlags):
     """eval.py's flags."""
     adapter: str | None = flag(None, "a LoRA/QLoRA adapter folder (RUN_DIR/checkpoint-N)",
                                default_help="none, the base model")

@@ -2,10 +2,12 @@
 how it scored, the "aha moment" signal (self-reflection phrases), metrics.jsonl and samples; and
 the scores eval.py reports (CV-Bench's micro and official scores, Acc@IoU, mAP) and its table."""
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
+import time
 import traceback
 
 import numpy as np
@@ -68,8 +70,38 @@ class Scored:
 
 def completion_lengths(rollout, eos_ids):
     """Each completion's tokens (EOS included) and whether it ended by an EOS: (N,) lists."""
-    terminated = torch.isin(rollout.completion_ids, torch.tensor(eos_ids)).any(1)   # (N,)
+    ids = rollout.completion_ids
+    terminated = torch.isin(ids, torch.as_tensor(eos_ids, device=ids.device)).any(1)   # (N,)
     return rollout.completion_mask.sum(1).tolist(), terminated.tolist()
+
+
+class PhaseTimer:
+    """Wall seconds of a step's phases (`time/<phase>` in metrics.jsonl), the GPU's queued work
+    waited for at each end: CUDA runs asynchronously, and a phase's time is its kernels'."""
+
+    def __init__(self, device, phases=("generation", "logp", "update")):
+        self.device, self.seconds = device, dict.fromkeys(phases, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        self._wait()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._wait()
+            self.seconds[phase] += time.perf_counter() - start
+
+    def _wait(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def metrics(self, generated_tokens):
+        """The phases' times, the tokens generated and their rate in generation."""
+        generation = self.seconds["generation"]
+        return {**{f"time/{k}": v for k, v in self.seconds.items()},
+                "generated_tokens": generated_tokens,
+                "tokens_per_second": generated_tokens / generation if generation else 0.0}
 
 
 def rollout_metrics(scored, group_size):

@@ -13,12 +13,11 @@ from r1v.cli import UserError
 from r1v.model import VISION_TOKENS, base_of, special_tokens
 
 
-def encode_prompts(processor, examples, group_size, device="cpu", pad_to_multiple_of=None):
+def encode_prompts(processor, examples, group_size, device="cpu"):
     """The prompt fields of a Rollout: B prompts left-padded, each repeated G times, each image's
     patches once, shared by its G sequences (detail 12)."""
     enc = processor(text=[ex["prompt"] for ex in examples], images=[ex["image"] for ex in examples],
-                    padding=True, padding_side="left", pad_to_multiple_of=pad_to_multiple_of,
-                    return_tensors="pt").to(device)
+                    padding=True, padding_side="left", return_tensors="pt").to(device)
     vision_start = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS[2])
     grids = enc["image_grid_thw"]                                              # (images, 3)
     patches = torch.split(enc["pixel_values"], grids.prod(-1).tolist())      # images x (p_i, D)
@@ -145,15 +144,19 @@ def evaluating(model):
 
 
 @contextlib.contextmanager
-def adapter_dtype(model, dtype):
+def adapter_dtype(model, dtype, copies=None):
     """Inside, the LoRA weights in `dtype` (None: as they are), for generation in the base's
     compute dtype: the adapter then runs on each layer's bf16 input, not an fp32 copy of it
     (1.3 GiB at one MLP projection at the paper's settings). After, the very fp32 tensors the
-    optimizer updates are back: training's numerics are untouched."""
+    optimizer updates are back: training's numerics are untouched. `copies` (a dict) keeps the
+    cast weights between calls, at the same addresses: what a CUDA graph replays."""
     kept = [(p, p.data) for name, p in model.named_parameters()
             if "lora_" in name and dtype is not None and p.dtype != dtype]
     for p, data in kept:
-        p.data = data.to(dtype)
+        if copies is None:
+            p.data = data.to(dtype)
+        else:
+            p.data = copies.setdefault(p, torch.empty_like(data, dtype=dtype)).copy_(data)
     try:
         yield
     finally:
@@ -162,12 +165,11 @@ def adapter_dtype(model, dtype):
 
 
 def generation_config(processor, eos_ids=None, *, max_new_tokens, greedy=False,
-                      temperature=1.0, top_k=50, top_p=1.0, static_cache=False,
-                      prefill_chunk_size=256):
+                      temperature=1.0, top_k=50, top_p=1.0, prefill_chunk_size=256):
     """Every sampling field set, top_k 0 = off, vision tokens suppressed (detail 10); generation
     ends at any of `eos_ids` (default: the tokenizer's EOS). The prompts are prefilled
     `prefill_chunk_size` tokens at a time (0: at once): the prefill's activations scale with it.
-    With `static_cache`, transformers compiles the decode step on CUDA (fixed shapes)."""
+    transformers never compiles here: r1v/decode.py compiles the decode step alone."""
     from transformers import GenerationConfig
 
     tokens = special_tokens(processor)
@@ -178,29 +180,30 @@ def generation_config(processor, eos_ids=None, *, max_new_tokens, greedy=False,
                             num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0,
                             eos_token_id=list(eos_ids or [tokens.eos]), pad_token_id=tokens.pad,
                             suppress_tokens=list(tokens.vision), use_cache=True,  # (detail 10)
-                            cache_implementation="static" if static_cache else None,
-                            prefill_chunk_size=prefill_chunk_size or None)
+                            prefill_chunk_size=prefill_chunk_size or None, disable_compile=True)
 
 
-def generate(model, processor, examples, gen_config, group_size=1, max_prompt_length=None):
+def generate(model, processor, examples, gen_config, group_size=1, max_prompt_length=None,
+             decoder=None):
     """ONE batched generate for the G completions of each of the B prompts (detail 11), for
-    training and evaluation. Returns the Rollout (its completion_mask is the caller's to make,
+    training and evaluation; with a `decoder` (r1v/decode.py), on its static KV cache and
+    compiled decode step. Returns the Rollout (its completion_mask is the caller's to make,
     grpo.completion_mask) and the completion texts."""
-    # A static cache is sized by the prompt length: padding it to a multiple of 64 tokens lets
-    # the compiled decode step be reused across steps instead of recompiled for every length.
-    static = gen_config.cache_implementation == "static"
-    enc = encode_prompts(processor, examples, group_size, model.device, 64 if static else None)
+    enc = encode_prompts(processor, examples, group_size, model.device)
     P, longest = enc["input_ids"].shape[1], int(enc["attention_mask"].sum(1).max())
     if max_prompt_length and longest > max_prompt_length:
         raise UserError(f"a prompt is {longest} tokens, over --max_prompt_length "
                         f"{max_prompt_length}; lower --max_pixels or raise --max_prompt_length")
-    with evaluating(model), adapter_dtype(model, model.get_input_embeddings().weight.dtype):
+    cache = decoder and {"past_key_values": decoder.cache_for(
+        len(enc["input_ids"]), P + gen_config.max_new_tokens)}
+    with evaluating(model), adapter_dtype(model, model.get_input_embeddings().weight.dtype,
+                                          decoder and decoder.adapter_copies):
         features = image_features(model, enc["images"], enc["image_grid_thw"])  # once per image
         out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                              mm_token_type_ids=enc["mm_token_type_ids"],
                              image_grid_thw=enc["image_grid_thw"],
                              mm_encoder_outputs=encoder_outputs(features),
-                             generation_config=gen_config)             # (N, P + C) (detail 11)
+                             generation_config=gen_config, **(cache or {}))  # (N, P + C)
     completion_ids = out[:, P:]                                                # (N, C)
     # After its EOS a sequence holds only padding: special tokens, which decoding skips.
     texts = processor.batch_decode(completion_ids, skip_special_tokens=True)

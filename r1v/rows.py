@@ -262,14 +262,17 @@ def check_rows(examples, desc="checking rows", progress=True):
 
 def check_prompt_lengths(tokenizer, rows, name, view, max_prompt_length):
     """Every prompt's length (its image's tokens known from its size) against the limit; `rows`
-    as check_rows returns them, prompted as `view` (data.View) says."""
+    as check_rows returns them, prompted as `view` (data.View) says. Returns the longest."""
     prompts = [view.prompt(q) for q, _ in rows]
+    longest = 0
     for i, (ids, (_, visual)) in enumerate(zip(tokenizer(prompts)["input_ids"], rows)):
         length = len(ids) - 1 + visual  # the one <|image_pad|> becomes `visual` tokens
         if length > max_prompt_length:
             raise UserError(f"{name}: row {i + 1}'s prompt is {length} tokens, over "
                             f"--max_prompt_length {max_prompt_length}; lower --max_pixels or "
                             "raise --max_prompt_length")
+        longest = max(longest, length)
+    return longest
 
 
 def take(examples, indices, report):
