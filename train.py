@@ -110,7 +110,7 @@ RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume
 
 # --- the step -----------------------------------------------------------------------------------
 
-def generate(model, processor, examples, gen_config, cfg, eos_ids, decoder):
+def generate(model, processor, examples, gen_config, cfg, eos_ids, decoder=None):
     """G completions per prompt in one batched call, masked up to and including the first EOS,
     from positions (detail 7)."""
     rollout, texts = policy.generate(model, processor, examples, gen_config,
