@@ -17,16 +17,18 @@ def encode_prompts(processor, examples, group_size, device="cpu"):
     """The prompt fields of a Rollout: B prompts left-padded, each repeated G times, each image's
     patches once, shared by its G sequences (detail 12)."""
     enc = processor(text=[ex["prompt"] for ex in examples], images=[ex["image"] for ex in examples],
-                    padding=True, padding_side="left", return_tensors="pt").to(device)
+                    padding=True, padding_side="left", return_tensors="pt")   # on the CPU
     vision_start = processor.tokenizer.convert_tokens_to_ids(VISION_TOKENS[2])
     grids = enc["image_grid_thw"]                                              # (images, 3)
-    patches = torch.split(enc["pixel_values"], grids.prod(-1).tolist())      # images x (p_i, D)
+    patches = torch.split(enc["pixel_values"].to(device),
+                          grids.prod(-1).tolist())                             # images x (p_i, D)
     per_prompt = torch.split(torch.arange(len(grids)),
                              (enc["input_ids"] == vision_start).sum(1).tolist())  # B x (i,)
     slots = [i for images in per_prompt for _ in range(group_size) for i in images.tolist()]
-    text = {k: enc[k].repeat_interleave(group_size, dim=0)                     # (N, P)
+    text = {k: enc[k].repeat_interleave(group_size, dim=0).to(device)          # (N, P)
             for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    return {**text, "images": [patches[i] for i in slots], "image_grid_thw": grids[slots]}
+    return {**text, "images": [patches[i] for i in slots],
+            "image_grid_thw": grids[slots].to(device)}
 
 
 def answer_rollout(processor, examples, completions, device="cpu"):
@@ -53,8 +55,9 @@ def image_features(model, images, image_grid_thw):
     for slot, image in enumerate(images):
         first.setdefault(id(image), slot)
     slots = list(first.values())
+    grids = image_grid_thw[torch.tensor(slots, device=image_grid_thw.device)]  # (images, 3)
     features = base.model.get_image_features(torch.cat([images[s] for s in slots]),
-                                             image_grid_thw[slots]).pooler_output
+                                             grids).pooler_output
     found = {id(images[s]): f for s, f in zip(slots, features)}
     return [found[id(image)] for image in images]
 
