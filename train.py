@@ -234,7 +234,8 @@ class Run:
     steps_per_epoch: int = 0
     start_step: int = 0
     counters: dict = dataclasses.field(default_factory=lambda: {
-        "num_tokens": 0, "nonfinite_steps": 0, "skipped_rows": 0, "consecutive_nonfinite": 0})
+        "num_tokens": 0, "nonfinite_steps": 0, "skipped_rows": 0, "reward_errors": 0,
+        "consecutive_nonfinite": 0})
 
 
 def held_out_examples(cfg, view, task_type):
@@ -451,6 +452,7 @@ def train(cfg):
                 scored = score(texts, examples, rollout, run.eos_ids, run.reward_funcs,
                                run.weights, cfg.num_generations, metrics.on_reward_error(report))
                 scored = scored.gathered(procs)
+                run.counters["reward_errors"] += sum(scored.errors.values())
                 # 4. advantages within each group (detail 1), this process's share of them
                 advantages = grpo.group_advantages(torch.tensor(scored.total, device=procs.device),
                                                    cfg.num_generations, cfg.scale_rewards)
@@ -480,9 +482,13 @@ def train(cfg):
 
 
 def finish(run, row, saved, stopping, started, main_process):
-    """The run's last line: steps, time, last reward, where the adapter is; Ctrl-C exits 130."""
+    """The run's last line: steps, time, last reward, reward errors, where the adapter is;
+    Ctrl-C exits 130."""
     minutes, step = (time.time() - started) / 60, row.get("step", run.start_step)
     reward = f", last reward {row['reward']:.3f}" if "reward" in row else ""
+    if run.counters["reward_errors"]:
+        reward += (f", {run.counters['reward_errors']} reward calls raised (each scored 0: "
+                   "rewards/<name>/errors in metrics.jsonl)")
     if stopping:
         if main_process:
             print(f"interrupted at step {step} after {minutes:.1f} min{reward}: saved {saved}; "

@@ -144,7 +144,7 @@ def fake_policy(config, mode, *, lora_r, lora_alpha, load_in_4bit, train_vision,
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(config)
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
     finally:
         torch.set_default_dtype(torch.float32)
     for layer in model.model.language_model.layers if load_in_4bit else ():

@@ -49,15 +49,22 @@ def worst_case_rollout(config, prompts, group_size, completion_tokens, min_pixel
         torch.full((N, completion_tokens), 1000), torch.ones(N, completion_tokens, dtype=int))
 
 
-def generation(model, fake, positions, prefill_chunk_size, bf16_adapter):
+def generation(model, fake, positions, prefill_chunk_size, bf16_adapter, cache_length=None):
     """policy.generate's passes: the vision tower once per image, the prefill in chunks of
-    prompt tokens into a KV cache, the last position's logits (generate's logits_to_keep)."""
-    from transformers import DynamicCache
+    prompt tokens into a KV cache, the last position's logits (generate's logits_to_keep).
+    With `cache_length` the cache is the run's static one (r1v/decode.py), whole from the
+    first token; else it grows with the tokens."""
+    from transformers import DynamicCache, StaticCache
 
-    P = fake.prompt_ids.shape[1]
+    (N, P), text = fake.prompt_ids.shape, model.config.get_text_config()
     with policy.evaluating(model), policy.adapter_dtype(model, bf16_adapter):
         policy.image_features(model, fake.images, fake.image_grid_thw)
-        cache = DynamicCache(config=model.config.get_text_config())
+        if cache_length:
+            cache = StaticCache(config=text, max_cache_len=cache_length)
+            cache.early_initialization(N, *models.base_of(model)._get_static_cache_init_shape(),
+                                       bf16_adapter, "cpu")
+        else:
+            cache = DynamicCache(config=text)
         for start in range(0, P, prefill_chunk_size or P):
             end = min(P, start + (prefill_chunk_size or P))
             positions["now"] = fake.positions[:, :, start:end]
@@ -69,15 +76,16 @@ def generation(model, fake, positions, prefill_chunk_size, bf16_adapter):
     return cache
 
 
-def decode_step(model, fake, positions, completion_tokens, bf16_adapter):
-    """The last decode step: a token per sequence on the full KV cache (P + C - 1 tokens)."""
+def decode_step(model, fake, positions, completion_tokens, bf16_adapter, cache=None):
+    """The last decode step: a token per sequence on the full KV cache (P + C - 1 tokens; the
+    static `cache`, if given, already holds them all)."""
     from transformers import DynamicCache
 
     text = model.config.get_text_config()
     N, P = fake.prompt_ids.shape
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cache = DynamicCache(config=text)
-    for layer in range(text.num_hidden_layers):
+    static, cache = cache is not None, cache or DynamicCache(config=text)
+    for layer in range(0 if static else text.num_hidden_layers):
         kv = [torch.empty(N, text.num_key_value_heads, P + completion_tokens - 1, head_dim,
                           dtype=torch.bfloat16) for _ in range(2)]
         cache.update(*kv, layer)
@@ -92,13 +100,13 @@ def decode_step(model, fake, positions, completion_tokens, bf16_adapter):
 FLAGS = ("model", "prompts_per_step", "num_generations", "max_completion_length",
          "micro_batch_size", "min_pixels", "max_pixels", "lora_r", "lora_alpha", "load_in_4bit",
          "train_vision", "gradient_checkpointing", "logp_chunk_size", "prefill_chunk_size",
-         "beta", "num_iterations")
+         "beta", "num_iterations", "static_cache", "compile_decode")
 
 
 def plan(loss_fn, *, model, prompts_per_step, num_generations, max_completion_length,
          micro_batch_size, min_pixels, max_pixels, lora_r, lora_alpha, load_in_4bit,
          train_vision, gradient_checkpointing, logp_chunk_size, prefill_chunk_size, beta,
-         num_iterations):
+         num_iterations, static_cache=False, compile_decode=False):
     """The estimated peak of each phase of a step (its bytes, their breakdown and largest live
     tensors, where it is reached) and the adapter's bytes, for the flags of a run (FLAGS).
     `loss_fn(model, micro_batch)` is the trainer's own micro-batch loss, (loss, stats)."""
@@ -115,12 +123,14 @@ def plan(loss_fn, *, model, prompts_per_step, num_generations, max_completion_le
             phases = run_step(fake_model, params, mode, positions, rollout, micro, loss_fn,
                               max_completion_length, logp_chunk_size, prefill_chunk_size,
                               reference=beta != 0, old_logps=num_iterations > 1,
-                              features=not train_vision)
+                              features=not train_vision,
+                              static_cache=static_cache or compile_decode)
     return phases, sum(math.ceil(p.numel() * p.element_size() / 512) * 512 for p in params)
 
 
 def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion_tokens,
-             logp_chunk_size, prefill_chunk_size, reference, old_logps, features):
+             logp_chunk_size, prefill_chunk_size, reference, old_logps, features,
+             static_cache=False):
     """A step's phases on the fake model under one tracker, each phase's peak its own."""
     fake = fakes.faked(mode, rollout, model)
     batches = [fakes.faked(mode, mb, model, with_features=features) for mb in micro]
@@ -140,9 +150,11 @@ def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tracker.start_phase()
-        generation(model, fake, positions, prefill_chunk_size, bf16)
+        length = fake.prompt_ids.shape[1] + completion_tokens if static_cache else None
+        cache = generation(model, fake, positions, prefill_chunk_size, bf16, length)
         phases["generation"] = tracker.start_phase()
-        decode_step(model, fake, positions, completion_tokens, bf16)
+        decode_step(model, fake, positions, completion_tokens, bf16, cache if length else None)
+        cache = cache if length else None  # the run's static cache lives on, a growing one not
         phases["decode"] = tracker.start_phase()
         for mb in batches if reference or old_logps else ():
             positions["now"] = mb.positions
@@ -251,7 +263,8 @@ def plan_run(cfg, loss, model=None):
 
     from r1v import runs
 
-    cfg = dataclasses.replace(cfg, use_liger=cfg.use_liger is not False)  # a CUDA run's default
+    cfg = dataclasses.replace(cfg, use_liger=cfg.use_liger is not False,  # a CUDA run's
+                              compile_decode=cfg.compile_decode is not False)  # defaults
     print(f"planning a step of {cfg.model} as fake tensors (no weights): about a minute on a "
           "CPU for a 2B model, longer for larger ones", flush=True)
 

@@ -192,17 +192,24 @@ def write_logs(out, metrics, scored, samples_every, num_samples, gold_of):
     tqdm.write(short_line(row))
 
 
-WATCHED = {"reward": "reward", "rewards/accuracy/mean": "accuracy", "rewards/iou/mean": "iou",
-           "rewards/detection/mean": "detection", "kl": "kl", "loss": "loss",
-           "mean_token_accuracy": "token_accuracy", "grad_norm": "grad_norm",
-           "completions/mean_length": "length", "eval/accuracy": "eval/accuracy",
-           "eval/mAP": "eval/mAP", "step_time": "seconds"}
+WATCHED = {"kl": "kl", "loss": "loss", "mean_token_accuracy": "token_accuracy",
+           "grad_norm": "grad_norm", "completions/mean_length": "length",
+           "eval/accuracy": "eval/accuracy", "eval/mAP": "eval/mAP", "step_time": "seconds"}
 
 
 def short_line(row):
-    """The few numbers a person watches, of a metrics row (all of them: metrics.jsonl)."""
-    return f"step {row['step']}: " + " ".join(f"{name}={row[k]:.4g}" for k, name in WATCHED.items()
-                                              if isinstance(row.get(k), (int, float)))
+    """The few numbers a person watches, of a metrics row (all of them: metrics.jsonl): the
+    total reward and each reward's mean, the loss's, and where the step's seconds went."""
+    parts = {"reward": "reward", **{k: k.split("/")[1] for k in row
+                                    if k.startswith("rewards/") and k.endswith("/mean")},
+             **WATCHED}
+    line = f"step {row['step']}: " + " ".join(
+        f"{name}={row[k]:{'.3g' if k == 'step_time' else '.4g'}}" for k, name in parts.items()
+        if isinstance(row.get(k), (int, float)))
+    phases = {k[5:]: v for k, v in row.items() if k.startswith("time/") and v}
+    if phases and isinstance(row.get("step_time"), (int, float)):
+        line += " (" + ", ".join(f"{k} {v:.2g}" for k, v in phases.items()) + ")"
+    return line
 
 
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")

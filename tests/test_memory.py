@@ -48,7 +48,8 @@ def test_the_fixed_part_of_a_tiny_model_is_its_analytic_count(tiny_model_dir, ti
 
     torch.set_default_dtype(torch.bfloat16)
     try:
-        base = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+        base = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model_dir),
+                                                       dtype=torch.bfloat16)
     finally:
         torch.set_default_dtype(torch.float32)
     lora = models.add_lora(base, 4, 8)
@@ -111,7 +112,8 @@ def test_the_demo_is_planned_on_the_model_its_run_would_build(tmp_path):
 @pytest.mark.slow
 def test_the_paper_run_on_the_2b_architecture_plans_within_its_targets(tmp_path):
     """Qwen2-VL-2B's config alone (no weights, no processor), the paper's settings: the command
-    as a user types it, the plan file, LoRA and QLoRA under their targets (9 and 7 GiB)."""
+    as a user types it, the plan file, LoRA and QLoRA under their targets (11 and 9 GiB, 2.2
+    of them the compiled decode's KV cache, kept through the step)."""
     folder = tmp_path / "qwen2-vl-2b"
     tiny.architecture("qwen2-vl-2b").save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
@@ -120,11 +122,11 @@ def test_the_paper_run_on_the_2b_architecture_plans_within_its_targets(tmp_path)
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "plan" / "memory_plan.json").read_text())
-    assert result["peak_gib"] <= 9 and result["fits"] and result["gpu_memory_gib"] == 16
+    assert result["peak_gib"] <= 11 and result["fits"] and result["gpu_memory_gib"] == 16
     assert 4.0 < result["fixed_gib"]["weights"] < 4.2  # 2.2 B parameters in bf16
     assert "verdict:" in done.stdout and result["settings"]["num_generations"] == 8
     qlora = plan_of(str(folder), tmp_path / "q", load_in_4bit=True, lora_r=64, lora_alpha=128)
-    assert qlora["peak_gib"] <= 7
+    assert qlora["peak_gib"] <= 9
     # QLoRA saves the language model's Linear weights: bf16 (2 bytes) to NF4 (~0.53 bytes)
     saved = result["fixed_gib"]["weights"] - qlora["fixed_gib"]["weights"]
     text = tiny.architecture("qwen2-vl-2b").text_config
@@ -184,3 +186,24 @@ def test_a_qwen25_model_plans_too(tiny_qwen25_dir, tmp_path):
     assert result["fits"] and result["phases"]["generation"] > result["fixed_gib"]["weights"]
     assert json.loads((tmp_path / "memory_plan.json").read_text())["peak_gib"] == \
         result["peak_gib"]
+
+
+def test_the_static_cache_of_the_compiled_decode_is_planned_whole_and_kept(tiny_model_dir,
+                                                                           tmp_path):
+    """--compile_decode (a CUDA run's default) holds the run's KV cache from the first prefill
+    token to the end of the step; without it the cache grows and goes after generation."""
+    from r1v import decode
+
+    flags = dict(prompts_per_step=2, num_generations=4, max_completion_length=64,
+                 micro_batch_size=2, max_pixels=3136 * 4)
+    static = plan_of(tiny_model_dir, tmp_path / "static", **flags)
+    growing = plan_of(tiny_model_dir, tmp_path / "growing", **flags, **{"no-compile_decode": True})
+    saved = json.loads((tmp_path / "static" / "memory_plan.json").read_text())
+    assert saved["settings"]["compile_decode"] is True
+    config = models.load_config(tiny_model_dir)
+    prompt = 1 + 16 + 1 + memory.PROMPT_TEXT_TOKENS  # the worst case's prompt: 16 image tokens
+    cache = decode.cache_bytes(config, 8, prompt + 64, torch.bfloat16) / memory.GiB
+    for phase in ("log-probs", "update"):
+        kept = static["phases"][phase] - growing["phases"][phase]
+        assert kept == pytest.approx(cache, rel=0.02), phase
+    assert static["phases"]["generation"] > growing["phases"]["generation"]
