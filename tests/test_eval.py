@@ -256,7 +256,8 @@ def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert summary["n"] == 4 and {r["task"] for r in rows} == {"background"}
     saved = json.loads((out / "eval_config.json").read_text())
-    assert saved["synthetic_tasks"] == ["background"] and Path(saved["adapter"]) == Path(adapter).resolve()
+    assert saved["synthetic_tasks"] == ["background"]
+    assert Path(saved["adapter"]) == Path(adapter).resolve()
 
     def golds(seed):  # the gold option of each of the first 4 rows that seed draws
         ds = demo.synthetic_dataset(4, seed, ("background",), 56)
