@@ -201,34 +201,28 @@ def test_a_reward_file_that_does_not_compile_is_named(tmp_path, capsys, monkeypa
     assert "two rewards are named 'format'" in one_error_line(err)
 
 
-def file_hashes(folder):
-    """{path: SHA-256} of every file under `folder` but the run lock's (ours, left empty)."""
-    import hashlib
-
-    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
 def test_an_output_dir_that_is_a_file_or_holds_a_run(tmp_path, capsys, monkeypatch):
+    from test_safety import checksums  # every file's hash
+
     (tmp_path / "file").write_text("mine")
-    before = file_hashes(tmp_path)
+    before = checksums(tmp_path)
     status, err = run_train(
         capsys, monkeypatch, "--model", NO_MODEL, "--output_dir", str(tmp_path / "file")
     )
     assert "--output_dir" in one_error_line(err) and "is a file" in err
-    assert file_hashes(tmp_path) == before  # the file byte for byte, nothing beside it
+    assert checksums(tmp_path) == before  # the file byte for byte, nothing beside it
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n' * 40)
     (run / "checkpoint-40").mkdir()
     (run / "checkpoint-40" / "trainer_state.pt").write_bytes(b"the user's state")
     (run / "config.json").write_text('{"objective": "grpo", "seed": 7}')
-    before = file_hashes(run)
+    before = checksums(run)
     status, err = run_train(
         capsys, monkeypatch, "--model", NO_MODEL, "--dataset", "synthetic", "--output_dir", str(run)
     )
     assert "already holds a run" in one_error_line(err) and "--resume" in err
-    assert file_hashes(run) == before  # untouched, byte for byte
+    assert checksums(run) == before  # untouched, byte for byte
 
 
 def test_a_prompt_over_max_prompt_length_is_named_before_the_model(

@@ -14,7 +14,7 @@ import train
 from r1v import rows as stored
 from r1v import runs
 from r1v.cli import UserError
-from test_errors import file_hashes, write_task
+from test_errors import write_task
 
 
 def args(model_dir, out, *extra):
@@ -34,24 +34,24 @@ def test_a_run_folder_is_reused_only_on_request(tmp_path, tiny_model_dir, capsys
     out = tmp_path / "run"
     train.train(train.parse_config(args(tiny_model_dir, out)))
     assert steps(out) == [1, 2] and "done: 2 steps" in capsys.readouterr().out
-    before = file_hashes(out)
+    before = checksums(out)
     with pytest.raises(UserError, match="already holds a run"):
         train.train(train.parse_config(args(tiny_model_dir, out)))
-    assert file_hashes(out) == before  # every file byte for byte
+    assert checksums(out) == before  # every file byte for byte
     # a resume may change what does not touch the state, and says so
     train.train(train.parse_config(args(tiny_model_dir, out, "--resume", "--max_steps", "3")))
     assert (
         steps(out) == [1, 2, 3]
         and "changed since the checkpoint: max_steps" in capsys.readouterr().out
     )
-    before = file_hashes(out)
+    before = checksums(out)
     with pytest.raises(UserError, match="--seed 42 -> 1, --lora_r 4 -> 8"):
         train.train(
             train.parse_config(
                 args(tiny_model_dir, out, "--resume", "--lora_r", "8", "--seed", "1")
             )
         )
-    assert file_hashes(out) == before  # refused: the run and its checkpoints as they were
+    assert checksums(out) == before  # refused: the run and its checkpoints as they were
     train.train(train.parse_config(args(tiny_model_dir, out, "--overwrite")))
     assert steps(out) == [1, 2] and not (out / "checkpoint-3").exists()
 
