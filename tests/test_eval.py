@@ -251,13 +251,12 @@ def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
     adapter = a_moved_adapter(tiny_model_dir, tmp_path / "adapter")
     args = ["--model", tiny_model_dir, "--dataset", "synthetic", "--synthetic_tasks",
             "background", "--synthetic_image_size", "56", "--limit", "4", "--max_new_tokens", "3"]
+    evaluation.main([*args, "--output_dir", str(tmp_path / "base")])  # the base alone
     out = tmp_path / "e"
     summary = evaluation.main([*args, "--adapter", adapter, "--output_dir", str(out)])
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert summary["n"] == 4 and {r["task"] for r in rows} == {"background"}
-    saved = json.loads((out / "eval_config.json").read_text())
-    assert saved["synthetic_tasks"] == ["background"]
-    assert Path(saved["adapter"]) == Path(adapter).resolve()
+    assert responses(out) != responses(tmp_path / "base")  # the adapter's answers
 
     def golds(seed):  # the gold option of each of the first 4 rows that seed draws
         ds = demo.synthetic_dataset(4, seed, ("background",), 56)
@@ -265,5 +264,6 @@ def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
     training = train.parse_config([]).seed
     assert golds(0) != golds(training)  # these rows tell the seeds apart
     assert [r["gold"] for r in sorted(rows, key=lambda r: int(r["id"]))] == golds(0)
-    evaluation.main([*args, "--output_dir", str(tmp_path / "base")])
-    assert responses(out) != responses(tmp_path / "base")  # the adapter's answers
+    assert Path(json.loads((out / "eval_config.json").read_text())["adapter"]) == \
+        Path(adapter).resolve()
+    assert json.loads((out / "eval_config.json").read_text())["synthetic_tasks"] == ["background"]
