@@ -116,6 +116,20 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert not list(tmp_path.glob(".tmp-*"))
     assert (tmp_path / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    # killed once trainer_state.pt is written, before config.json: nothing complete-looking
+    real_save = torch.save
+
+    def killed_after(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(torch, "save", killed_after)
+        runs.save_checkpoint(tmp_path, 4, model, state, {}, cfg.save_total_limit)
+    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert {p: p.read_bytes() for p in before} == before  # the kept checkpoints as they were
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -245,11 +259,13 @@ def test_qlora_trains_on_cpu_and_its_adapter_loads_back(tmp_path, tiny_model_dir
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(
     tmp_path, tiny_model_dir, reward_file, monkeypatch
 ):
-    real, calls = torch.save, []
+    real, calls, listed = torch.save, [], []
 
     def full_disk(obj, path, *args, **kwargs):  # what torch.save raises when the disk is full
         calls.append(path)
         if len(calls) == 2:
+            Path(path).write_bytes(b"PK torn")  # the file as far as it got
+            listed.extend(p.name for p in runs.list_checkpoints(out))  # a kill now resumes here
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
         return real(obj, path, *args, **kwargs)
 
@@ -259,6 +275,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(
                        r".*MiB free there\)\. Kept: metrics.jsonl up to step 2, .*checkpoint-1;"):
         train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3,
                                        save_steps=1))
+    assert listed == ["checkpoint-1"]  # the torn write never looked like a checkpoint
     assert [p.name for p in runs.list_checkpoints(out)] == ["checkpoint-1"]
     assert not list(out.glob(".tmp-*")) and [m["step"] for m in metrics(out)] == [1, 2]
     monkeypatch.setattr(torch, "save", real)  # space freed

@@ -202,19 +202,27 @@ def test_a_reward_file_that_does_not_compile_is_named(tmp_path, capsys, monkeypa
 
 
 def test_an_output_dir_that_is_a_file_or_holds_a_run(tmp_path, capsys, monkeypatch):
+    from test_safety import checksums  # every file's hash
+
     (tmp_path / "file").write_text("mine")
+    before = checksums(tmp_path)
     status, err = run_train(
         capsys, monkeypatch, "--model", NO_MODEL, "--output_dir", str(tmp_path / "file")
     )
     assert "--output_dir" in one_error_line(err) and "is a file" in err
+    assert checksums(tmp_path) == before  # the file byte for byte, nothing beside it
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n' * 40)
+    (run / "checkpoint-40").mkdir()
+    (run / "checkpoint-40" / "trainer_state.pt").write_bytes(b"the user's state")
+    (run / "config.json").write_text('{"objective": "grpo", "seed": 7}')
+    before = checksums(run)
     status, err = run_train(
         capsys, monkeypatch, "--model", NO_MODEL, "--dataset", "synthetic", "--output_dir", str(run)
     )
     assert "already holds a run" in one_error_line(err) and "--resume" in err
-    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n' * 40  # untouched
+    assert checksums(run) == before  # untouched, byte for byte
 
 
 def test_a_prompt_over_max_prompt_length_is_named_before_the_model(

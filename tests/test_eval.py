@@ -183,28 +183,45 @@ def test_the_command_on_the_tiny_model_and_resume(tmp_path, tiny_model_dir, layo
     assert len({r["id"] for r in rows}) == 6
 
 
+def a_moved_adapter(model_dir, folder):
+    """A LoRA adapter that changes the model's answers: peft starts lora_B at 0 (the base
+    model exactly), so it is set to random values, as training would move it."""
+    import torch
+
+    import train
+
+    cfg = train.parse_config(["--model", model_dir, "--output_dir", str(folder / "unused"),
+                              "--lora_r", "2", "--lora_alpha", "4"])
+    model = train.load_model(cfg, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def responses(folder):
+    rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    return {r["id"]: r["response"] for r in rows}
+
+
 @pytest.mark.slow
 def test_sat_benchmark_and_an_adapter(tmp_path, tiny_model_dir):
     from test_data import make_sat_folder, sat_rows
-    import train
 
     source = make_sat_folder(tmp_path / "sat", sat_rows())
-    cfg = train.parse_config(
-        [
-            "--model", tiny_model_dir, "--output_dir", str(tmp_path / "a"), "--lora_r", "2",
-            "--lora_alpha", "4",
-        ]
-    )
-    model = train.load_model(cfg, train.torch.device("cpu"))
-    model.save_pretrained(tmp_path / "adapter")
-    result = run_eval(
-        "--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--benchmark", "sat",
-        "--dataset", source, "--split", "train", "--output_dir", str(tmp_path / "e"),
-        "--max_new_tokens", "4",
-    )
+    adapter = a_moved_adapter(tiny_model_dir, tmp_path / "adapter")
+    args = ["--model", tiny_model_dir, "--benchmark", "sat", "--dataset", source, "--split",
+            "train", "--max_new_tokens", "4"]
+    result = run_eval(*args, "--adapter", adapter, "--output_dir", str(tmp_path / "e"))
     assert result.returncode == 0, result.stderr[-3000:]
+    evaluation.main([*args, "--output_dir", str(tmp_path / "base")])  # the base alone
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["n"] == 2 and "micro" in summary["strict"]
+    tuned, base = responses(tmp_path / "e"), responses(tmp_path / "base")
+    assert tuned.keys() == base.keys() and tuned != base  # the adapter's answers, not the base's
 
 
 def test_an_adapter_is_scored_as_trained_unless_merging_is_asked_for(tmp_path, tiny_model_dir):
@@ -228,10 +245,25 @@ def test_an_adapter_is_scored_as_trained_unless_merging_is_asked_for(tmp_path, t
 
 def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
     """How the README evaluates the demo's adapter: its synthetic rows, another seed's."""
+    import demo
+    import train
+
+    adapter = a_moved_adapter(tiny_model_dir, tmp_path / "adapter")
+    args = ["--model", tiny_model_dir, "--dataset", "synthetic", "--synthetic_tasks",
+            "background", "--synthetic_image_size", "56", "--limit", "4", "--max_new_tokens", "3"]
+    evaluation.main([*args, "--output_dir", str(tmp_path / "base")])  # the base alone
     out = tmp_path / "e"
-    summary = evaluation.main(["--model", tiny_model_dir, "--dataset", "synthetic",
-                               "--synthetic_tasks", "background", "--synthetic_image_size", "56",
-                               "--limit", "4", "--max_new_tokens", "3", "--output_dir", str(out)])
+    summary = evaluation.main([*args, "--adapter", adapter, "--output_dir", str(out)])
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert summary["n"] == 4 and {r["task"] for r in rows} == {"background"}
+    assert responses(out) != responses(tmp_path / "base")  # the adapter's answers
+
+    def golds(seed):  # the gold option of each of the first 4 rows that seed draws
+        ds = demo.synthetic_dataset(4, seed, ("background",), 56)
+        return [ds[i]["choices"].index(ds[i]["answer"]) for i in range(4)]
+    training = train.parse_config([]).seed
+    assert golds(0) != golds(training)  # these rows tell the seeds apart
+    assert [r["gold"] for r in sorted(rows, key=lambda r: int(r["id"]))] == golds(0)
+    assert Path(json.loads((out / "eval_config.json").read_text())["adapter"]) == \
+        Path(adapter).resolve()
     assert json.loads((out / "eval_config.json").read_text())["synthetic_tasks"] == ["background"]

@@ -2,6 +2,7 @@
 log-probs, the reference under disable_adapter, micro-batch invariance of the loss and its
 gradients, the Liger loss."""
 
+import json
 import math
 import random
 
@@ -358,9 +359,14 @@ def test_liger_kernels_replace_every_norm_mlp_and_the_rotary_embedding(tiny_mode
     assert modeling_qwen2_vl.apply_rotary_pos_emb is liger_rotary_pos_emb
 
 
-def test_liger_is_off_by_default_on_cpu(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path)
+def test_liger_is_off_by_default_on_cpu(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_model_dir, tmp_path, max_steps=1)
     assert cfg.use_liger is None  # decided by the device when the run starts
+    monkeypatch.setattr(models, "liger_grpo_loss",
+                        lambda *a, **k: pytest.fail("Liger's loss ran on CPU"))
+    train.train(cfg)  # one step: the code that picks the default, as a run does
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["use_liger"] is False
     model = train.load_model(train.dataclasses.replace(cfg, use_liger=True), torch.device("cpu"))
     assert not any(hasattr(m, "casting_mode") for m in model.modules())  # no Triton on CPU
 

@@ -34,22 +34,24 @@ def test_a_run_folder_is_reused_only_on_request(tmp_path, tiny_model_dir, capsys
     out = tmp_path / "run"
     train.train(train.parse_config(args(tiny_model_dir, out)))
     assert steps(out) == [1, 2] and "done: 2 steps" in capsys.readouterr().out
-    before = (out / "metrics.jsonl").read_text()
+    before = checksums(out)
     with pytest.raises(UserError, match="already holds a run"):
         train.train(train.parse_config(args(tiny_model_dir, out)))
-    assert (out / "metrics.jsonl").read_text() == before
+    assert checksums(out) == before  # every file byte for byte
     # a resume may change what does not touch the state, and says so
     train.train(train.parse_config(args(tiny_model_dir, out, "--resume", "--max_steps", "3")))
     assert (
         steps(out) == [1, 2, 3]
         and "changed since the checkpoint: max_steps" in capsys.readouterr().out
     )
+    before = checksums(out)
     with pytest.raises(UserError, match="--seed 42 -> 1, --lora_r 4 -> 8"):
         train.train(
             train.parse_config(
                 args(tiny_model_dir, out, "--resume", "--lora_r", "8", "--seed", "1")
             )
         )
+    assert checksums(out) == before  # refused: the run and its checkpoints as they were
     train.train(train.parse_config(args(tiny_model_dir, out, "--overwrite")))
     assert steps(out) == [1, 2] and not (out / "checkpoint-3").exists()
 

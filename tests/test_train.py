@@ -124,21 +124,39 @@ def test_end_to_end_command_line_on_the_tiny_model(tmp_path, tiny_model_dir):
     model = PeftModel.from_pretrained(
         Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir), out / "checkpoint-3"
     )
-    assert any("lora_A" in n for n, _ in model.named_parameters())
+    lora_B = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    untrained = [n for n, p in lora_B.items() if not p.any()]  # peft starts each at 0
+    assert lora_B and not untrained, untrained[:3]
 
 
 @pytest.mark.slow
-def test_in_training_evaluation_logs_eval_accuracy(tmp_path, tiny_model_dir):
+def test_in_training_evaluation_logs_eval_accuracy(tmp_path, tiny_model_dir, monkeypatch):
+    """A random model answers none right: the even held-out items answer with their gold option
+    (the real parser scores it), so the logged accuracy is each evaluation's judged rows'."""
+    import eval as evaluation
+
+    real_judge, judged = evaluation.judge, []
+
+    def judge(example, response):
+        if int(example["id"]) % 2 == 0:
+            response = f"</think> <answer> {example['choices'][example['gold']]} </answer>"
+        judged.append(real_judge(example, response))
+        return judged[-1]
+
+    monkeypatch.setattr(evaluation, "judge", judge)
     out = tmp_path / "run"
-    result = run_cli(
+    train.main([
         "--model", tiny_model_dir, "--dataset", "synthetic", "--dataset_limit", "32",
         "--synthetic_image_size", "56", "--output_dir", str(out), "--max_steps", "2",
         "--num_generations", "2", "--prompts_per_step", "2", "--max_completion_length", "4",
         "--eval_steps", "1", "--eval_limit", "5",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    ])
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in rows) and len(rows) == 2
+    assert len(rows) == 2 and len(judged) == 10  # 5 held-out items at each step
+    for row, step_judged in zip(rows, (judged[:5], judged[5:])):
+        assert sorted(r["id"] for r in step_judged) == ["0", "1", "2", "3", "4"]
+        accuracy = sum(r["correct"] for r in step_judged) / 5
+        assert accuracy >= 0.6 and row["eval/accuracy"] == pytest.approx(accuracy)
 
 
 def test_held_out_rows_differ_from_training_rows(tmp_path):
