@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -137,8 +138,11 @@ def changed(saved, current, keys):
 # --- checkpoints --------------------------------------------------------------------------------
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values: a checkpoint loads with
+    weights_only (numpy's keys, an array, would need numpy's code to unpickle)."""
+    name, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *map(float, rest)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only
     return state
@@ -146,7 +150,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -219,9 +224,16 @@ def read_checkpoint(path):
         if not (path / name).is_file():
             raise ValueError(f"{path / name} is missing")
     check_adapter(path)
-    try:
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+    try:  # weights_only: tensors and plain values, never a pickle's code (a shared checkpoint)
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
         saved = json.loads((path / "config.json").read_text())
+    except pickle.UnpicklingError as e:  # names code to run; a UserError: never skipped
+        if "Unsupported operand" not in str(e):  # else a torn file, as below
+            raise UserError(f"--resume: {path / 'trainer_state.pt'} holds more than tensors and "
+                            "plain values (an older version's, or not a checkpoint of ours: "
+                            "code could run): not loaded; resume from one this version wrote, "
+                            "or start afresh") from e
+        raise ValueError(f"{path}: trainer_state.pt cannot be read ({e})") from e
     except Exception as e:
         raise ValueError(f"{path}: trainer_state.pt or config.json cannot be read ({e})") from e
     return state, saved
@@ -233,11 +245,15 @@ def find_checkpoint(out, resume):
     if resume != "latest":
         try:
             return Path(resume), *read_checkpoint(resume)
+        except UserError:
+            raise
         except ValueError as e:
             raise UserError(f"--resume {resume}: {e}") from e
     for path in reversed(list_checkpoints(out)):
         try:
             return path, *read_checkpoint(path)
+        except UserError:
+            raise
         except ValueError as e:
             tqdm.write(f"warning: skipping {path}: {e}")
     raise UserError(f"--resume: no complete checkpoint in {out}; start without --resume")
@@ -248,6 +264,12 @@ def to_resume(out, resume, current, resumable, max_steps):
     it is the run's last step, `max_steps` (a job retried): every file as it was."""
     path, state, saved = checkpoint = find_checkpoint(out, resume)
     check_resumable(path, saved, current, resumable)
+    dangling = [p for p in Path(out).glob("checkpoint-*") if p.is_symlink() and not p.exists()]
+    for link in dangling:  # saving the step over it would fail, and lose the step
+        if re.fullmatch(r"checkpoint-\d+", link.name) and int(link.name[11:]) > state["step"]:
+            raise UserError(f"--resume: {link} is a link to {os.readlink(link)}, which is not "
+                            "there (a disk not mounted?): mount it to go on from it, or remove "
+                            f"the link to go on from {path.name}")
     if state["step"] > max_steps:
         raise UserError(f"--resume: {path} is at step {state['step']}, past the run's last, "
                         f"{max_steps}: raise --max_steps to go on")

@@ -1,6 +1,7 @@
 """Checkpoints, exact resume, Ctrl-C, non-finite steps and QLoRA, on the tiny model on CPU."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -181,7 +182,7 @@ def test_a_non_finite_loss_is_skipped_and_counted(
     assert "NaN" not in (out / "metrics.jsonl").read_text()
     assert all(
         torch.isfinite(p).all()
-        for p in torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)[
+        for p in torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=True)[
             "optimizer"
         ]["state"][0].values()
         if isinstance(p, torch.Tensor)
@@ -354,3 +355,85 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, tiny_model_dir, 
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"locked by process {first.pid}, which has ended" in resumed.stdout
+
+
+def files_of(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def one_error_line(capsys, argv):
+    """`python train.py ARGV` in-process, as the command line runs it: its one `error:` line."""
+    from r1v import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, [str(a) for a in argv])
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip() and "checking" not in line]
+    assert exit_info.value.code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
+    return lines[0]
+
+
+class Payload:
+    """What a shared checkpoint could carry: unpickling it runs code (here: makes a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("resume", ["latest", "checkpoint-2"])
+def test_a_checkpoint_that_would_run_code_is_refused_unloaded(tmp_path, tiny_model_dir,
+                                                              reward_file, capsys, resume):
+    """A trainer_state.pt carrying a pickle payload (the newest, which `latest` would otherwise
+    skip to resume from the one before): refused in one line naming it; nothing ran."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2, save_steps=1))
+    state = out / "checkpoint-2" / "trainer_state.pt"
+    torch.save({"step": 2, "rng": Payload(marker)}, state)
+    before = files_of(out)
+    line = one_error_line(capsys, run_args(tiny_model_dir, out, reward_file, max_steps=4)
+                          + ["--resume"] + ([] if resume == "latest" else [out / resume]))
+    assert str(state) in line and "not loaded" in line, line
+    assert not marker.exists() and files_of(out) == before
+    torch.load(state, weights_only=False)  # the payload was live: this very load runs it
+    assert marker.exists()
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_values(tmp_path, tiny_model_dir,
+                                                          reward_file):
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=1))
+    state = torch.load(out / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 1 and len(state["rng"]) == 1 and "numpy" in state["rng"][0]
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(runs.rng_state(), tmp_path / "rng.pt")
+    draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
+    runs.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == draws
+
+
+def test_a_newest_checkpoint_on_a_disk_not_mounted_is_named_before_anything_changes(
+    tmp_path, tiny_model_dir, reward_file, capsys
+):
+    """checkpoint-3 a link to an archive disk not mounted: resuming from checkpoint-2 would
+    crash saving step 3 over the link and lose that step; refused, the link named, files kept."""
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2, save_steps=1))
+    (out / "checkpoint-3").symlink_to(tmp_path / "unmounted" / "checkpoint-3")
+    before = files_of(out)
+    line = one_error_line(capsys, run_args(tiny_model_dir, out, reward_file, max_steps=4,
+                                           save_steps=1) + ["--resume"])
+    assert f"{out / 'checkpoint-3'} is a link to {tmp_path / 'unmounted'}" in line, line
+    assert "mount" in line and "remove the link" in line
+    assert files_of(out) == before and (out / "checkpoint-3").is_symlink()
+    assert not list(out.glob(".tmp-*"))
