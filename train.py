@@ -73,8 +73,9 @@ class Config(RunFlags):
     learning_rate: float = flag(1e-5, "AdamW peak learning rate (paper: 1e-6, full fine-tune)",
                                 above=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
-    lr_scheduler: str = flag("linear", "after warmup: linear decay to 0 (the paper) or constant",
-                             choices=("linear", "constant"))
+    lr_scheduler: str = flag("linear", "after warmup: linear decay to 0 (the paper) or constant; "
+                             "a finished run extended (--resume, a higher --max_steps) decays "
+                             "again from the peak", choices=("linear", "constant"))
     warmup_ratio: float = flag(0.0, "fraction of updates with linear warmup", min=0, below=1)
     max_grad_norm: float = flag(1.0, "clip the gradient to this norm", above=0)
     lora_r: int = flag(64, "LoRA rank", min=1)

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from r1v.cli import UserError
+from r1v.schedule import continue_schedule
 
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "demo-base")
 
@@ -307,6 +308,7 @@ def restore(path, state, model, optimizer, scheduler, sampler, rank=0, world=1, 
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    continue_schedule(scheduler)
     sampler.load_state_dict(state["sampler"])
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one
     if len(rng) == world:

@@ -437,3 +437,31 @@ def test_a_newest_checkpoint_on_a_disk_not_mounted_is_named_before_anything_chan
     assert "mount" in line and "remove the link" in line
     assert files_of(out) == before and (out / "checkpoint-3").is_symlink()
     assert not list(out.glob(".tmp-*"))
+
+
+def test_extending_a_finished_run_decays_again_from_the_peak(tmp_path, tiny_model_dir,
+                                                             reward_file, capsys, monkeypatch):
+    """A finished linear schedule's rate is 0: a run resumed past its end with a higher
+    --max_steps decays again from --learning_rate to 0 at the new end (2 steps of 2 updates
+    extended to 4: updates 4-7 at 4/4, 3/4, 2/4, 1/4 of the peak); the adapter moves, and the
+    logged rate is the one the optimizer used."""
+    out, peak, used = tmp_path / "run", 1e-2, []
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2))
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    capsys.readouterr()
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=4, resume=True))
+    assert used == pytest.approx([peak * k / 4 for k in (4, 3, 2, 1)])
+    assert [m["learning_rate"] for m in metrics(out)] == pytest.approx(
+        [peak, peak / 2, used[0], used[2]])
+    assert "decays again from its peak" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    before, after = (load_file(out / f"checkpoint-{s}" / "adapter_model.safetensors")
+                     for s in (2, 4))
+    assert all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
