@@ -191,6 +191,15 @@ def list_checkpoints(out):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def input_hashes(dataset, eval_dataset, reward_specs):
+    """The SHA-256 of each file a run reads rows or rewards from (a .jsonl, a reward's .py), by
+    flag and path: config.json records only the paths, and a resume checks the content."""
+    files = [("--dataset", dataset), ("--eval_dataset", eval_dataset)] + [
+        ("--reward_funcs", spec.rpartition(":")[0]) for spec in reward_specs if ":" in spec]
+    return {f"{flag} {path}": file_hash(path) for flag, path in files
+            if path and Path(path).is_file()}
+
+
 def file_hash(path):
     """The SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
@@ -260,11 +269,19 @@ def find_checkpoint(out, resume):
     raise UserError(f"--resume: no complete checkpoint in {out}; start without --resume")
 
 
-def to_resume(out, resume, current, resumable, max_steps):
-    """The checkpoint --resume continues, checked (find_checkpoint, check_resumable); None when
-    it is the run's last step, `max_steps` (a job retried): every file as it was."""
+def to_resume(out, resume, current, resumable, max_steps, inputs):
+    """The checkpoint --resume continues, checked (find_checkpoint, check_resumable, the
+    `inputs`' hashes); None when it is the run's last step, `max_steps` (a job retried): every
+    file as it was."""
     path, state, saved = checkpoint = find_checkpoint(out, resume)
     check_resumable(path, saved, current, resumable)
+    edited = changed(saved.get("inputs", {}), inputs, inputs)  # none recorded: an older run's
+    if edited and not current["allow_changed_inputs"]:
+        raise UserError(f"--resume {path}: {', '.join(edited)} changed since the checkpoint "
+                        "(another SHA-256): restore it, or add --allow_changed_inputs to go on "
+                        "with it as it is now")
+    if edited:
+        tqdm.write(f"note: going on with {', '.join(edited)} as edited since the checkpoint")
     dangling = [p for p in Path(out).glob("checkpoint-*") if p.is_symlink() and not p.exists()]
     for link in dangling:  # saving the step over it would fail, and lose the step
         if re.fullmatch(r"checkpoint-\d+", link.name) and int(link.name[11:]) > state["step"]:
@@ -293,8 +310,8 @@ def check_resumable(path, saved, current, resumable):
         changes = ", ".join(f"--{k} {saved.get(k)} -> {current[k]}" for k in differ)
         raise UserError(f"--resume {path}: settings differ from the checkpoint's ({changes}); "
                         "use the same ones, or a new --output_dir")
-    notes = changed(saved, current, sorted(set(resumable) - {"resume", "overwrite",
-                                                             "output_dir"}))
+    notes = changed(saved, current, sorted(set(resumable) - {
+        "resume", "overwrite", "output_dir", "allow_changed_inputs"}))
     if notes:
         tqdm.write(f"note: changed since the checkpoint: {', '.join(notes)}")
 

@@ -465,3 +465,29 @@ def test_extending_a_finished_run_decays_again_from_the_peak(tmp_path, tiny_mode
     before, after = (load_file(out / f"checkpoint-{s}" / "adapter_model.safetensors")
                      for s in (2, 4))
     assert all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+@pytest.mark.parametrize("edited", ["--dataset", "--eval_dataset", "--reward_funcs"])
+def test_a_resume_with_rows_or_a_reward_edited_since_is_refused(tmp_path, tiny_model_dir,
+                                                                  reward_file, capsys, edited):
+    """config.json records only their paths; their hashes too now: an edit since the checkpoint
+    is one line naming the file, files kept; --allow_changed_inputs goes on with it."""
+    from test_errors import write_task
+
+    out = tmp_path / "run"
+    files = {"--dataset": write_task(tmp_path / "rows"),
+             "--eval_dataset": write_task(tmp_path / "held", rows=2), "--reward_funcs": reward_file}
+    argv = run_args(tiny_model_dir, out, reward_file, max_steps=1, dataset=files["--dataset"],
+                    eval_dataset=files["--eval_dataset"], eval_steps=1)
+    train.train(train.parse_config(argv))
+    with open(files[edited], "a") as f:
+        f.write("\n" if edited != "--reward_funcs" else "# edited\n")
+    before = files_of(out)
+    resumed = run_args(tiny_model_dir, out, reward_file, max_steps=2, dataset=files["--dataset"],
+                       eval_dataset=files["--eval_dataset"], eval_steps=1, resume=True)
+    line = one_error_line(capsys, resumed)
+    assert f"{edited} {files[edited]} changed since" in line and "--allow_changed_inputs" in line
+    assert files_of(out) == before
+    train.train(train.parse_config(resumed + ["--allow_changed_inputs"]))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert f"{edited} {files[edited]}" in capsys.readouterr().out  # noted
