@@ -20,6 +20,8 @@ from r1v.cli import UserError
 from r1v.schedule import continue_schedule
 
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "demo-base")
+# The keys every checkpoint's trainer_state.pt has (train.evaluate_and_save writes them).
+TRAINER_STATE = {"step", "optimizer", "scheduler", "sampler", "rng", "counters"}
 
 
 def writable_dir(path, flag):
@@ -246,6 +248,10 @@ def read_checkpoint(path):
         raise ValueError(f"{path}: trainer_state.pt cannot be read ({e})") from e
     except Exception as e:
         raise ValueError(f"{path}: trainer_state.pt or config.json cannot be read ({e})") from e
+    missing = TRAINER_STATE - set(state) if isinstance(state, dict) else TRAINER_STATE
+    if missing:  # another trainer's file, say: named now, not a KeyError once the model loaded
+        raise ValueError(f"{path / 'trainer_state.pt'} is not a trainer state (no "
+                         f"{', '.join(sorted(missing))})")
     return state, saved
 
 
@@ -282,12 +288,13 @@ def to_resume(out, resume, current, resumable, max_steps, inputs):
                         "with it as it is now")
     if edited:
         tqdm.write(f"note: going on with {', '.join(edited)} as edited since the checkpoint")
-    dangling = [p for p in Path(out).glob("checkpoint-*") if p.is_symlink() and not p.exists()]
-    for link in dangling:  # saving the step over it would fail, and lose the step
+    links = [p for p in Path(out).glob("checkpoint-*")
+             if p.is_symlink() and not (p / "trainer_state.pt").is_file()]
+    for link in links:  # saving the step over it would fail, and lose the step
         if re.fullmatch(r"checkpoint-\d+", link.name) and int(link.name[11:]) > state["step"]:
-            raise UserError(f"--resume: {link} is a link to {os.readlink(link)}, which is not "
-                            "there (a disk not mounted?): mount it to go on from it, or remove "
-                            f"the link to go on from {path.name}")
+            raise UserError(f"--resume: {link} is a link to {os.readlink(link)}, which holds no "
+                            "checkpoint (a disk not mounted?): mount it to go on from it, or "
+                            f"remove the link to go on from {path.name}")
     if state["step"] > max_steps:
         raise UserError(f"--resume: {path} is at step {state['step']}, past the run's last, "
                         f"{max_steps}: raise --max_steps to go on")

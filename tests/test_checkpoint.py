@@ -422,18 +422,22 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == draws
 
 
+@pytest.mark.parametrize("mount_point", [False, True])
 def test_a_newest_checkpoint_on_a_disk_not_mounted_is_named_before_anything_changes(
-    tmp_path, tiny_model_dir, reward_file, capsys
+    tmp_path, tiny_model_dir, reward_file, capsys, mount_point
 ):
-    """checkpoint-3 a link to an archive disk not mounted: resuming from checkpoint-2 would
-    crash saving step 3 over the link and lose that step; refused, the link named, files kept."""
-    out = tmp_path / "run"
+    """checkpoint-3 a link to an archive disk not mounted (its target missing, or an empty
+    mount point): resuming from checkpoint-2 would crash saving step 3 over the link and lose
+    that step; refused, the link named, files kept."""
+    out, target = tmp_path / "run", tmp_path / "unmounted" / "checkpoint-3"
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2, save_steps=1))
-    (out / "checkpoint-3").symlink_to(tmp_path / "unmounted" / "checkpoint-3")
+    if mount_point:
+        target.mkdir(parents=True)
+    (out / "checkpoint-3").symlink_to(target)
     before = files_of(out)
     line = one_error_line(capsys, run_args(tiny_model_dir, out, reward_file, max_steps=4,
                                            save_steps=1) + ["--resume"])
-    assert f"{out / 'checkpoint-3'} is a link to {tmp_path / 'unmounted'}" in line, line
+    assert f"{out / 'checkpoint-3'} is a link to {target}, which holds no checkpoint" in line
     assert "mount" in line and "remove the link" in line
     assert files_of(out) == before and (out / "checkpoint-3").is_symlink()
     assert not list(out.glob(".tmp-*"))
@@ -491,3 +495,17 @@ def test_a_resume_with_rows_or_a_reward_edited_since_is_refused(tmp_path, tiny_m
     train.train(train.parse_config(resumed + ["--allow_changed_inputs"]))
     assert [m["step"] for m in metrics(out)] == [1, 2]
     assert f"{edited} {files[edited]}" in capsys.readouterr().out  # noted
+
+
+def test_a_trainer_state_without_a_trainer_states_keys_is_named(tmp_path, tiny_model_dir,
+                                                                reward_file, capsys):
+    """A file weights_only loads that is not a trainer state (another trainer's) is named in
+    one line before the model loads, not a KeyError after."""
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=1))
+    torch.save({"step": 1, "weights": torch.zeros(2)}, out / "checkpoint-1" / "trainer_state.pt")
+    before = files_of(out)
+    line = one_error_line(capsys, run_args(tiny_model_dir, out, reward_file, max_steps=2)
+                          + ["--resume", out / "checkpoint-1"])
+    assert "checkpoint-1/trainer_state.pt is not a trainer state (no counters, optimizer" in line
+    assert files_of(out) == before
