@@ -59,8 +59,8 @@ def held_run(out, resume, overwrite):
 
 def clear(out, names):
     for name in names:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path = out / name  # a link (to an archive disk, say) goes, not what it points to
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 @contextlib.contextmanager

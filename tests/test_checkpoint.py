@@ -509,3 +509,19 @@ def test_a_trainer_state_without_a_trainer_states_keys_is_named(tmp_path, tiny_m
                           + ["--resume", out / "checkpoint-1"])
     assert "checkpoint-1/trainer_state.pt is not a trainer state (no counters, optimizer" in line
     assert files_of(out) == before
+
+
+def test_overwrite_removes_a_link_to_an_archived_checkpoint_not_what_it_points_to(tmp_path):
+    """--overwrite clears the run's files; a checkpoint linked from an archive disk goes as a
+    link (was: rmtree refusing a link, a traceback after the checks), the archive kept."""
+    out, archived = tmp_path / "run", tmp_path / "archive" / "checkpoint-3"
+    archived.mkdir(parents=True)
+    (archived / "trainer_state.pt").write_bytes(b"kept")
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "checkpoint-3").symlink_to(archived)
+    (out / "checkpoint-4").symlink_to(tmp_path / "unmounted")
+    held = runs.held_run(out, resume=None, overwrite=True)
+    assert held == ["checkpoint-3", "checkpoint-4", "metrics.jsonl"]
+    runs.clear(out, held)
+    assert list(out.iterdir()) == [] and (archived / "trainer_state.pt").read_bytes() == b"kept"
