@@ -252,6 +252,8 @@ def read_checkpoint(path):
     if missing:  # another trainer's file, say: named now, not a KeyError once the model loaded
         raise ValueError(f"{path / 'trainer_state.pt'} is not a trainer state (no "
                          f"{', '.join(sorted(missing))})")
+    if not isinstance(saved, dict) or not isinstance(saved.get("inputs", {}), dict):
+        raise ValueError(f"{path / 'config.json'} is not a run's config")
     return state, saved
 
 

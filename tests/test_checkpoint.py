@@ -497,18 +497,23 @@ def test_a_resume_with_rows_or_a_reward_edited_since_is_refused(tmp_path, tiny_m
     assert f"{edited} {files[edited]}" in capsys.readouterr().out  # noted
 
 
-def test_a_trainer_state_without_a_trainer_states_keys_is_named(tmp_path, tiny_model_dir,
-                                                                reward_file, capsys):
-    """A file weights_only loads that is not a trainer state (another trainer's) is named in
-    one line before the model loads, not a KeyError after."""
+def test_a_checkpoint_of_another_trainer_is_named(tmp_path, tiny_model_dir, reward_file,
+                                                  capsys):
+    """A trainer_state.pt weights_only loads, or a config.json, that is not ours (another
+    trainer's) is named in one line before the model loads, not a KeyError after."""
     out = tmp_path / "run"
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=1))
-    torch.save({"step": 1, "weights": torch.zeros(2)}, out / "checkpoint-1" / "trainer_state.pt")
+    state, config = (out / "checkpoint-1" / name for name in ("trainer_state.pt", "config.json"))
+    kept = state.read_bytes()
+    torch.save({"step": 1, "weights": torch.zeros(2)}, state)
     before = files_of(out)
-    line = one_error_line(capsys, run_args(tiny_model_dir, out, reward_file, max_steps=2)
-                          + ["--resume", out / "checkpoint-1"])
+    argv = run_args(tiny_model_dir, out, reward_file, max_steps=2) + ["--resume", state.parent]
+    line = one_error_line(capsys, argv)
     assert "checkpoint-1/trainer_state.pt is not a trainer state (no counters, optimizer" in line
-    assert files_of(out) == before
+    state.write_bytes(kept)
+    config.write_text("[]")  # JSON, not a run's settings
+    assert f"{config} is not a run's config" in one_error_line(capsys, argv)
+    assert files_of(out) == {**before, state: kept, config: b"[]"}
 
 
 def test_overwrite_removes_a_link_to_an_archived_checkpoint_not_what_it_points_to(tmp_path):
