@@ -73,8 +73,9 @@ class Config(RunFlags):
     learning_rate: float = flag(1e-5, "AdamW peak learning rate (paper: 1e-6, full fine-tune)",
                                 above=0)
     weight_decay: float = flag(0.0, "AdamW weight decay", min=0)
-    lr_scheduler: str = flag("linear", "after warmup: linear decay to 0 (the paper) or constant",
-                             choices=("linear", "constant"))
+    lr_scheduler: str = flag("linear", "after warmup: linear decay to 0 (the paper) or constant; "
+                             "a finished run extended (--resume, a higher --max_steps) decays "
+                             "again from the peak", choices=("linear", "constant"))
     warmup_ratio: float = flag(0.0, "fraction of updates with linear warmup", min=0, below=1)
     max_grad_norm: float = flag(1.0, "clip the gradient to this norm", above=0)
     lora_r: int = flag(64, "LoRA rank", min=1)
@@ -105,7 +106,7 @@ RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume
              "eval_limit", "eval_dataset", "log_samples_steps", "num_samples", "save_steps",
              "save_total_limit", "max_nonfinite_steps", "micro_batch_size", "logp_chunk_size",
              "gradient_checkpointing", "use_liger", "static_cache", "report_to", "cpu_threads",
-             "prefill_chunk_size", "compile_decode", "compile_backend"}
+             "prefill_chunk_size", "compile_decode", "compile_backend", "allow_changed_inputs"}
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -230,12 +231,18 @@ class Run:
     optimizer: object = None
     scheduler: object = None
     schedule: dict = None            # what a checkpoint keeps of the schedule
+    inputs: dict = None              # the hashes of the files rows and rewards come from
     max_steps: int = 0
     steps_per_epoch: int = 0
     start_step: int = 0
     counters: dict = dataclasses.field(default_factory=lambda: {
         "num_tokens": 0, "nonfinite_steps": 0, "skipped_rows": 0, "reward_errors": 0,
         "consecutive_nonfinite": 0})
+
+    def record(self, cfg):
+        """What config.json keeps, the run's and each checkpoint's: the settings, and the
+        hashes of the files the rows and rewards come from (a resume checks them)."""
+        return {**dataclasses.asdict(cfg), "inputs": self.inputs}
 
 
 def held_out_examples(cfg, view, task_type):
@@ -282,8 +289,9 @@ def check_inputs(cfg, procs):
               held_out, *scoring)
     run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
     run.max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * run.steps_per_epoch))
+    run.inputs = runs.input_hashes(cfg.dataset, cfg.eval_dataset, specs)
     checkpoint = cfg.resume and runs.to_resume(out, cfg.resume, dataclasses.asdict(cfg),
-                                               RESUMABLE, run.max_steps)
+                                               RESUMABLE, run.max_steps, run.inputs)
     if cfg.resume and not checkpoint:  # the run's last step: nothing left to train
         return None
     with demo.model_files(cfg.model, cfg.seed, cfg.synthetic_tasks) as name:
@@ -358,7 +366,7 @@ def setup(cfg, procs):
     params = [p for p in run.model.parameters() if p.requires_grad]
     procs.start_equal(params)
     if procs.main:
-        runs.write_atomic(run.out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        runs.write_atomic(run.out / "config.json", json.dumps(run.record(cfg), indent=2))
     run.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     run.scheduler, run.schedule = schedule.lr_schedule(
         run.optimizer, cfg.lr_scheduler, cfg.warmup_ratio, run.max_steps * cfg.num_iterations,
@@ -404,8 +412,8 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "schedule": run.schedule, "rng": rng, "sampler": run.sampler.state_dict(),
              "counters": run.counters}
-    return procs.main and runs.save_checkpoint(run.out, step, run.model, state,
-                                               dataclasses.asdict(cfg), cfg.save_total_limit)
+    return procs.main and runs.save_checkpoint(run.out, step, run.model, state, run.record(cfg),
+                                               cfg.save_total_limit)
 
 
 def train(cfg):

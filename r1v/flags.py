@@ -87,6 +87,8 @@ class RunFlags(ModelFlags, DecodeFlags, SyntheticFlags):
     save_total_limit: int = flag(3, "keep the newest K checkpoints (0 = all)", min=0)
     resume: str | None = flag(None, "continue from the newest checkpoint in output_dir, or PATH",
                               nargs="?", const="latest", default_help="no")
+    allow_changed_inputs: bool = flag(False, "--resume although the --dataset or --eval_dataset "
+                                      "file or a reward's file was edited since the checkpoint")
     max_nonfinite_steps: int = flag(5, "stop after N consecutive non-finite steps", min=1)
     report_to: str = flag("none", "also log the metrics to tensorboard (in OUTPUT_DIR/r1v) or "
                           "wandb, through accelerate", choices=("none", "tensorboard", "wandb"))

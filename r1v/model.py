@@ -125,13 +125,18 @@ def quiet_peft():
 
 def add_lora(model, r, alpha, dropout=0.0, train_vision=False, gradient_checkpointing=True):
     """A fresh LoRA adapter on the language model; with `train_vision`, a trainable copy of the
-    vision tower that `disable_adapter()` swaps back (detail 5)."""
+    vision tower that `disable_adapter()` swaps back (detail 5). What trains is fp32, on a bf16
+    base too: AdamW's updates under 1/256 of a bf16 weight round away (the tower's patch
+    embedding casts its input to its own dtype, and its features go in at the base's)."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LM_LORA_TARGETS,
                       modules_to_save=["visual"] if train_vision else None)
     with quiet_peft():
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora)  # the adapter in fp32 (autocast_adapter_dtype)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:  # the tower's copy
+            param.data = param.data.float()
     if gradient_checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})

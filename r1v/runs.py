@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -16,8 +17,11 @@ import torch
 from tqdm import tqdm
 
 from r1v.cli import UserError
+from r1v.schedule import continue_schedule
 
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "demo-base")
+# The keys every checkpoint's trainer_state.pt has (train.evaluate_and_save writes them).
+TRAINER_STATE = {"step", "optimizer", "scheduler", "sampler", "rng", "counters"}
 
 
 def writable_dir(path, flag):
@@ -55,8 +59,8 @@ def held_run(out, resume, overwrite):
 
 def clear(out, names):
     for name in names:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path = out / name  # a link (to an archive disk, say) goes, not what it points to
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 @contextlib.contextmanager
@@ -137,8 +141,11 @@ def changed(saved, current, keys):
 # --- checkpoints --------------------------------------------------------------------------------
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values: a checkpoint loads with
+    weights_only (numpy's keys, an array, would need numpy's code to unpickle)."""
+    name, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *map(float, rest)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only
     return state
@@ -146,7 +153,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -185,6 +193,15 @@ def list_checkpoints(out):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def input_hashes(dataset, eval_dataset, reward_specs):
+    """The SHA-256 of each file a run reads rows or rewards from (a .jsonl, a reward's .py), by
+    flag and path: config.json records only the paths, and a resume checks the content."""
+    files = [("--dataset", dataset), ("--eval_dataset", eval_dataset)] + [
+        ("--reward_funcs", spec.rpartition(":")[0]) for spec in reward_specs if ":" in spec]
+    return {f"{flag} {path}": file_hash(path) for flag, path in files
+            if path and Path(path).is_file()}
+
+
 def file_hash(path):
     """The SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
@@ -219,11 +236,24 @@ def read_checkpoint(path):
         if not (path / name).is_file():
             raise ValueError(f"{path / name} is missing")
     check_adapter(path)
-    try:
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+    try:  # weights_only: tensors and plain values, never a pickle's code (a shared checkpoint)
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
         saved = json.loads((path / "config.json").read_text())
+    except pickle.UnpicklingError as e:  # names code to run; a UserError: never skipped
+        if "Unsupported operand" not in str(e):  # else a torn file, as below
+            raise UserError(f"--resume: {path / 'trainer_state.pt'} holds more than tensors and "
+                            "plain values (an older version's, or not a checkpoint of ours: "
+                            "code could run): not loaded; resume from one this version wrote, "
+                            "or start afresh") from e
+        raise ValueError(f"{path}: trainer_state.pt cannot be read ({e})") from e
     except Exception as e:
         raise ValueError(f"{path}: trainer_state.pt or config.json cannot be read ({e})") from e
+    missing = TRAINER_STATE - set(state) if isinstance(state, dict) else TRAINER_STATE
+    if missing:  # another trainer's file, say: named now, not a KeyError once the model loaded
+        raise ValueError(f"{path / 'trainer_state.pt'} is not a trainer state (no "
+                         f"{', '.join(sorted(missing))})")
+    if not isinstance(saved, dict) or not isinstance(saved.get("inputs", {}), dict):
+        raise ValueError(f"{path / 'config.json'} is not a run's config")
     return state, saved
 
 
@@ -233,21 +263,40 @@ def find_checkpoint(out, resume):
     if resume != "latest":
         try:
             return Path(resume), *read_checkpoint(resume)
+        except UserError:
+            raise
         except ValueError as e:
             raise UserError(f"--resume {resume}: {e}") from e
     for path in reversed(list_checkpoints(out)):
         try:
             return path, *read_checkpoint(path)
+        except UserError:
+            raise
         except ValueError as e:
             tqdm.write(f"warning: skipping {path}: {e}")
     raise UserError(f"--resume: no complete checkpoint in {out}; start without --resume")
 
 
-def to_resume(out, resume, current, resumable, max_steps):
-    """The checkpoint --resume continues, checked (find_checkpoint, check_resumable); None when
-    it is the run's last step, `max_steps` (a job retried): every file as it was."""
+def to_resume(out, resume, current, resumable, max_steps, inputs):
+    """The checkpoint --resume continues, checked (find_checkpoint, check_resumable, the
+    `inputs`' hashes); None when it is the run's last step, `max_steps` (a job retried): every
+    file as it was."""
     path, state, saved = checkpoint = find_checkpoint(out, resume)
     check_resumable(path, saved, current, resumable)
+    edited = changed(saved.get("inputs", {}), inputs, inputs)  # none recorded: an older run's
+    if edited and not current["allow_changed_inputs"]:
+        raise UserError(f"--resume {path}: {', '.join(edited)} changed since the checkpoint "
+                        "(another SHA-256): restore it, or add --allow_changed_inputs to go on "
+                        "with it as it is now")
+    if edited:
+        tqdm.write(f"note: going on with {', '.join(edited)} as edited since the checkpoint")
+    links = [p for p in Path(out).glob("checkpoint-*")
+             if p.is_symlink() and not (p / "trainer_state.pt").is_file()]
+    for link in links:  # saving the step over it would fail, and lose the step
+        if re.fullmatch(r"checkpoint-\d+", link.name) and int(link.name[11:]) > state["step"]:
+            raise UserError(f"--resume: {link} is a link to {os.readlink(link)}, which holds no "
+                            "checkpoint (a disk not mounted?): mount it to go on from it, or "
+                            f"remove the link to go on from {path.name}")
     if state["step"] > max_steps:
         raise UserError(f"--resume: {path} is at step {state['step']}, past the run's last, "
                         f"{max_steps}: raise --max_steps to go on")
@@ -270,8 +319,8 @@ def check_resumable(path, saved, current, resumable):
         changes = ", ".join(f"--{k} {saved.get(k)} -> {current[k]}" for k in differ)
         raise UserError(f"--resume {path}: settings differ from the checkpoint's ({changes}); "
                         "use the same ones, or a new --output_dir")
-    notes = changed(saved, current, sorted(set(resumable) - {"resume", "overwrite",
-                                                             "output_dir"}))
+    notes = changed(saved, current, sorted(set(resumable) - {
+        "resume", "overwrite", "output_dir", "allow_changed_inputs"}))
     if notes:
         tqdm.write(f"note: changed since the checkpoint: {', '.join(notes)}")
 
@@ -285,6 +334,7 @@ def restore(path, state, model, optimizer, scheduler, sampler, rank=0, world=1, 
     set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    continue_schedule(scheduler)
     sampler.load_state_dict(state["sampler"])
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older: one
     if len(rng) == world:

@@ -1,6 +1,7 @@
 """Checkpoints, exact resume, Ctrl-C, non-finite steps and QLoRA, on the tiny model on CPU."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -195,7 +196,7 @@ def test_a_non_finite_loss_is_skipped_and_counted(
     assert "NaN" not in (out / "metrics.jsonl").read_text()
     assert all(
         torch.isfinite(p).all()
-        for p in torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=False)[
+        for p in torch.load(out / "checkpoint-3" / "trainer_state.pt", weights_only=True)[
             "optimizer"
         ]["state"][0].values()
         if isinstance(p, torch.Tensor)
@@ -371,3 +372,178 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, tiny_model_dir, 
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"locked by process {first.pid}, which has ended" in resumed.stdout
+
+
+def files_of(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def one_error_line(capsys, argv):
+    """`python train.py ARGV` in-process, as the command line runs it: its one `error:` line."""
+    from r1v import cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(train.main, [str(a) for a in argv])
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip() and "checking" not in line]
+    assert exit_info.value.code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
+    return lines[0]
+
+
+class Payload:
+    """What a shared checkpoint could carry: unpickling it runs code (here: makes a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("resume", ["latest", "checkpoint-2"])
+def test_a_checkpoint_that_would_run_code_is_refused_unloaded(tmp_path, tiny_model_dir,
+                                                              reward_file, capsys, resume):
+    """A trainer_state.pt carrying a pickle payload (the newest, which `latest` would otherwise
+    skip to resume from the one before): refused in one line naming it; nothing ran."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2, save_steps=1))
+    state = out / "checkpoint-2" / "trainer_state.pt"
+    torch.save({"step": 2, "rng": Payload(marker)}, state)
+    before = files_of(out)
+    line = one_error_line(capsys, run_args(tiny_model_dir, out, reward_file, max_steps=4)
+                          + ["--resume"] + ([] if resume == "latest" else [out / resume]))
+    assert str(state) in line and "not loaded" in line, line
+    assert not marker.exists() and files_of(out) == before
+    torch.load(state, weights_only=False)  # the payload was live: this very load runs it
+    assert marker.exists()
+
+
+def test_a_checkpoint_holds_only_tensors_and_plain_values(tmp_path, tiny_model_dir,
+                                                          reward_file):
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=1))
+    state = torch.load(out / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 1 and len(state["rng"]) == 1 and "numpy" in state["rng"][0]
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(runs.rng_state(), tmp_path / "rng.pt")
+    draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
+    runs.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == draws
+
+
+@pytest.mark.parametrize("mount_point", [False, True])
+def test_a_newest_checkpoint_on_a_disk_not_mounted_is_named_before_anything_changes(
+    tmp_path, tiny_model_dir, reward_file, capsys, mount_point
+):
+    """checkpoint-3 a link to an archive disk not mounted (its target missing, or an empty
+    mount point): resuming from checkpoint-2 would crash saving step 3 over the link and lose
+    that step; refused, the link named, files kept."""
+    out, target = tmp_path / "run", tmp_path / "unmounted" / "checkpoint-3"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2, save_steps=1))
+    if mount_point:
+        target.mkdir(parents=True)
+    (out / "checkpoint-3").symlink_to(target)
+    before = files_of(out)
+    line = one_error_line(capsys, run_args(tiny_model_dir, out, reward_file, max_steps=4,
+                                           save_steps=1) + ["--resume"])
+    assert f"{out / 'checkpoint-3'} is a link to {target}, which holds no checkpoint" in line
+    assert "mount" in line and "remove the link" in line
+    assert files_of(out) == before and (out / "checkpoint-3").is_symlink()
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_extending_a_finished_run_decays_again_from_the_peak(tmp_path, tiny_model_dir,
+                                                             reward_file, capsys, monkeypatch):
+    """A finished linear schedule's rate is 0: a run resumed past its end with a higher
+    --max_steps decays again from --learning_rate to 0 at the new end (2 steps of 2 updates
+    extended to 4: updates 4-7 at 4/4, 3/4, 2/4, 1/4 of the peak); the adapter moves, and the
+    logged rate is the one the optimizer used."""
+    out, peak, used = tmp_path / "run", 1e-2, []
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=2))
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    capsys.readouterr()
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=4, resume=True))
+    assert used == pytest.approx([peak * k / 4 for k in (4, 3, 2, 1)])
+    assert [m["learning_rate"] for m in metrics(out)] == pytest.approx(
+        [peak, peak / 2, used[0], used[2]])
+    assert "decays again from its peak" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    before, after = (load_file(out / f"checkpoint-{s}" / "adapter_model.safetensors")
+                     for s in (2, 4))
+    assert all(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+@pytest.mark.parametrize("edited", ["--dataset", "--eval_dataset", "--reward_funcs"])
+def test_a_resume_with_rows_or_a_reward_edited_since_is_refused(tmp_path, tiny_model_dir,
+                                                                  reward_file, capsys, edited):
+    """config.json records only their paths; their hashes too now: an edit since the checkpoint
+    is one line naming the file, files kept; --allow_changed_inputs goes on with it."""
+    from test_errors import write_task
+
+    out = tmp_path / "run"
+    files = {"--dataset": write_task(tmp_path / "rows"),
+             "--eval_dataset": write_task(tmp_path / "held", rows=2), "--reward_funcs": reward_file}
+    argv = run_args(tiny_model_dir, out, reward_file, max_steps=1, dataset=files["--dataset"],
+                    eval_dataset=files["--eval_dataset"], eval_steps=1)
+    train.train(train.parse_config(argv))
+    with open(files[edited], "a") as f:
+        f.write("\n" if edited != "--reward_funcs" else "# edited\n")
+    before = files_of(out)
+    resumed = run_args(tiny_model_dir, out, reward_file, max_steps=2, dataset=files["--dataset"],
+                       eval_dataset=files["--eval_dataset"], eval_steps=1, resume=True)
+    line = one_error_line(capsys, resumed)
+    assert f"{edited} {files[edited]} changed since" in line and "--allow_changed_inputs" in line
+    assert files_of(out) == before
+    train.train(train.parse_config(resumed + ["--allow_changed_inputs"]))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert f"{edited} {files[edited]}" in capsys.readouterr().out  # noted
+
+
+def test_a_checkpoint_of_another_trainer_is_named(tmp_path, tiny_model_dir, reward_file,
+                                                  capsys):
+    """A trainer_state.pt weights_only loads, or a config.json, that is not ours (another
+    trainer's) is named in one line before the model loads, not a KeyError after."""
+    out = tmp_path / "run"
+    train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=1))
+    state, config = (out / "checkpoint-1" / name for name in ("trainer_state.pt", "config.json"))
+    kept = state.read_bytes()
+    torch.save({"step": 1, "weights": torch.zeros(2)}, state)
+    before = files_of(out)
+    argv = run_args(tiny_model_dir, out, reward_file, max_steps=2) + ["--resume", state.parent]
+    line = one_error_line(capsys, argv)
+    assert "checkpoint-1/trainer_state.pt is not a trainer state (no counters, optimizer" in line
+    state.write_bytes(kept)
+    config.write_text("[]")  # JSON, not a run's settings
+    assert f"{config} is not a run's config" in one_error_line(capsys, argv)
+    assert files_of(out) == {**before, state: kept, config: b"[]"}
+
+
+def test_overwrite_removes_a_link_to_an_archived_checkpoint_not_what_it_points_to(tmp_path):
+    """--overwrite clears the run's files; a checkpoint linked from an archive disk goes as a
+    link (was: rmtree refusing a link, a traceback after the checks), the archive kept."""
+    out, archived = tmp_path / "run", tmp_path / "archive" / "checkpoint-3"
+    archived.mkdir(parents=True)
+    (archived / "trainer_state.pt").write_bytes(b"kept")
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "checkpoint-3").symlink_to(archived)
+    (out / "checkpoint-4").symlink_to(tmp_path / "unmounted")
+    held = runs.held_run(out, resume=None, overwrite=True)
+    assert held == ["checkpoint-3", "checkpoint-4", "metrics.jsonl"]
+    runs.clear(out, held)
+    assert list(out.iterdir()) == [] and (archived / "trainer_state.pt").read_bytes() == b"kept"

@@ -487,3 +487,27 @@ def test_every_eos_id_the_checkpoint_lists_ends_a_completion(tmp_path, tiny_mode
     batch.completion_mask = grpo.completion_mask(batch.completion_ids, ids)
     assert batch.completion_mask.tolist() == [[1]]
     assert metrics.completion_lengths(batch, ids) == ([1], [True])  # terminated, not clipped
+
+
+def test_a_bf16_base_trains_its_vision_tower_in_fp32(tiny_model_dir):
+    """On a GPU the base is bf16: --train_vision's copy of the tower trains in fp32 (as the
+    adapter does), or AdamW's small updates round away on bf16 weights (a LayerNorm's 1.0 moves
+    by 2**-7 at least). The fp32 tower's features go into the bf16 language model."""
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = models.add_lora(base, 2, 4, train_vision=True, gradient_checkpointing=False)
+    tower = {n: p for n, p in model.named_parameters() if p.requires_grad and ".visual." in n}
+    assert tower and {p.dtype for p in tower.values()} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in tower.items()}
+    processor = models.load_processor(tiny_model_dir)
+    example = demo.synthetic_dataset(1, seed=1, image_size=56)[0]
+    inputs = processor(text=[example["prompt"]], images=[example["image"]], return_tensors="pt")
+    optimizer = torch.optim.AdamW(tower.values(), lr=1e-5)
+    model(**inputs).logits.float().square().mean().backward()
+    optimizer.step()
+    for name, p in tower.items():
+        moved = p.detach() != before[name]
+        assert moved[p.grad != 0].all(), name  # every weight with a gradient moved
+    with torch.no_grad(), model.disable_adapter():  # the reference: the bf16 tower, untouched
+        model(**inputs)

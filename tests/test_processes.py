@@ -108,7 +108,7 @@ def test_two_process_demo_learns_with_one_metrics_line_per_step(two_process_demo
     for key in ("num_tokens", "completions/mean_length", "epoch", "skipped_rows"):
         assert [r[key] for r in metrics(tmp_path)] == [r[key] for r in rows[:2]], key
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-100", "checkpoint-200"}
-    state = torch.load(out / "checkpoint-200" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint-200" / "trainer_state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # each process's own sampling stream, to resume exactly
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted({s["step"] for s in samples}) == [1, 50, 100, 150, 200]
