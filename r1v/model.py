@@ -20,8 +20,11 @@ LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|u
 BOX_FRAMES = {"qwen2_vl": "norm1000", "qwen2_5_vl": "pixels"}
 PROMPT_FORMATS = ("auto", "r1", "chat")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-HUB_HINT = (". Without hub access, give a local folder (HF_HUB_OFFLINE=1 skips the retries), or "
-            "run the offline demo: python train.py --demo")
+
+
+def hub_hint():
+    return (f". Without hub access, give a local folder ({hub.offline_hint()}), or run the "
+            "offline demo: python train.py --demo")
 
 
 class SpecialTokens(NamedTuple):
@@ -48,7 +51,7 @@ def load_config(name, flag="--model"):
     hub.check_source(name, flag)
     # ValueError: a config.json transformers cannot parse
     with user_error(f"{flag} {name!r}: cannot load its config", OSError, ValueError,
-                    hint=HUB_HINT):
+                    hint=hub_hint()):
         config = AutoConfig.from_pretrained(name)
     if config.model_type not in BOX_FRAMES:
         raise UserError(f"{flag} {name!r}: model_type {config.model_type!r} is not supported; "
@@ -73,7 +76,7 @@ def load_processor(name, flag="--model"):
     from transformers import AutoProcessor
 
     with user_error(f"{flag} {name!r}: cannot load its processor", OSError, ValueError,
-                    hint=HUB_HINT):  # ValueError: a folder without the processor's files
+                    hint=hub_hint()):  # ValueError: a folder without the processor's files
         return AutoProcessor.from_pretrained(name)
 
 

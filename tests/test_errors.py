@@ -257,3 +257,39 @@ def test_eval_names_its_default_folder_by_model_adapter_and_benchmark():
     assert cfg.output_dir == str(Path("runs/eval/Qwen2-VL-2B-sat-checkpoint-30/cvbench"))
     assert flags.EvalConfig(dataset="my_task.jsonl").output_dir.endswith("my_task")
     assert flags.EvalConfig(benchmark="sat", split="test").output_dir.endswith("sat-test")
+
+
+@pytest.mark.parametrize("entry", ["train", "eval", "report"])
+def test_a_flag_is_never_taken_for_a_longer_one(entry, capsys):
+    """`--max_step 5` is not `--max_steps 5` (argparse's abbreviations are off)."""
+    import report
+
+    main = {"train": train.main, "eval": evaluation.main, "report": report.main}[entry]
+    short = {"train": "--max_step", "eval": "--max_new_token", "report": "--smoot"}[entry]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, ["runs/none", short, "5"] if entry == "report" else [short, "5"])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {short} 5" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_offline_error_does_not_ask_for_what_is_set(monkeypatch):
+    from huggingface_hub import constants
+
+    from r1v import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(cli.UserError) as error:
+        model.load_config("nobody-here/no-such-model")
+    assert "HF_HUB_OFFLINE=1" not in str(error.value) and "HF_HUB_OFFLINE is set" in str(
+        error.value)
+    with pytest.raises(cli.UserError) as error:
+        hub.load_hub_dataset("nobody-here/no-such-data", "--dataset", split="train")
+    assert "HF_HUB_OFFLINE=1" not in str(error.value) and "HF_HUB_OFFLINE is set" in str(
+        error.value)
+
+
+def test_demo_py_says_how_to_run_the_demo():
+    done = subprocess.run([sys.executable, "demo.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert "python train.py --demo --output_dir runs/demo" in done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
