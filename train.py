@@ -292,6 +292,8 @@ def check_inputs(cfg, procs):
 def see_as(name, run, cfg, prompt_rows):
     """Model `name`'s processor and how it sees a row; every row's prompt length checked."""
     config = models.load_config(name)  # first: its errors say more (no such folder, no config)
+    models.check_positions(config, cfg.max_prompt_length + cfg.max_completion_length,
+                           "--max_prompt_length + --max_completion_length")
     run.processor = models.load_processor(name)
     run.view = data.model_view(config, run.processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
