@@ -228,7 +228,8 @@ def liger_grpo_loss(hidden, weight, mb, temperature, num_sequences, num_tokens, 
     """grpo.policy_loss through Liger's fused linear GRPO loss: projection, log-softmax and loss
     chunk by chunk, from the completion positions' `hidden` states (n, C, H) and the output
     projection `weight` (V, H). Liger normalises grpo, bnpo and dr_grpo by the micro-batch's
-    sequences; the factor n / N makes them whole-batch normalisers, as in grpo.aggregate."""
+    sequences; the factor n / N makes them whole-batch normalisers, as in grpo.aggregate. Its
+    metrics hold only the combined clip ratio: no low/high means, no per-sequence extremes."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     loss_fn = LigerFusedLinearGRPOLoss(
