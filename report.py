@@ -13,6 +13,7 @@ another file.
 """
 
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,10 +249,13 @@ def main(argv=None):
     names = [d.resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # seeds/a/run and seeds/b/run: the names as given
         names = [str(d) for d in run_dirs]
-    titles = {}  # each kind's panels; a metric two kinds share takes the first kind's title
-    for kind in dict.fromkeys(kind_of(run) for run in runs):
-        titles = {**PANELS[kind], **titles}
     logged = list_metrics(runs)
+    titles = {}  # each kind's panels, the first run's kind first, then rewards of one's own
+    for kind in dict.fromkeys(kind_of(run) for run in runs):
+        titles.update({k: v for k, v in PANELS[kind].items() if k not in titles})
+    for key in logged:
+        if (own := re.fullmatch(r"rewards/([^/]+)/mean", key)) and key not in titles:
+            titles[key] = (f"Reward {own.group(1)}", REWARD)
     panels = [key for key in titles if key in logged]
     if absent := [key for key in titles if key not in logged]:
         print(f"note: no run logs {', '.join(absent)}; left out", file=sys.stderr)

@@ -206,7 +206,10 @@ def check_adapter(folder, shapes=None, model="--model"):
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(size))
-        end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] + [0])
+        tensors = [t for k, t in header.items() if k != "__metadata__"]
+        end = max([t["data_offsets"][1] for t in tensors] + [0])
+        if not all(isinstance(t["shape"], list) for t in tensors):
+            raise ValueError("a tensor's shape is not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:  # not a safetensors file
         raise ValueError(f"{path} cannot be read ({e})") from e
     if path.stat().st_size < 8 + size + end:
@@ -216,6 +219,8 @@ def check_adapter(folder, shapes=None, model="--model"):
             config = json.loads((Path(folder) / "adapter_config.json").read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{Path(folder) / 'adapter_config.json'} cannot be read ({e})") from e
+        if not isinstance(config, dict):
+            raise ValueError(f"{Path(folder) / 'adapter_config.json'} is not a peft config")
         adapter_fits(config, header, shapes, model)
 
 

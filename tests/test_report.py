@@ -263,3 +263,18 @@ def test_a_grounding_run(task, tmp_path):
     held_title = "Held-out Acc@0.5" if task == "rec" else "Held-out mAP"
     assert section(table, held_title) == [f"| {held_title} | {task} | 0.6 | 2 | 0.6 | 2 |"]
     assert "Accuracy reward" not in table
+
+
+def test_a_custom_reward_and_runs_of_two_kinds(runs, tmp_path):
+    """A reward of one's own gets its panel; an SFT run beside GRPO runs adds its panels after
+    theirs (the first run's kind first)."""
+    mine = write_run(tmp_path / "mine", {FMT: [0.5, 1.0], "rewards/brevity/mean": [0.2, 0.6],
+                                         "rewards/brevity/std": [0.1, 0.1]})
+    sft = write_run(tmp_path / "sft", {"loss": [2.0, 1.0], "mean_token_accuracy": [0.3, 0.6]})
+    report.main([runs[0], mine, sft, "--out", str(tmp_path / "r.png")])
+    table = (tmp_path / "r.md").read_text()
+    assert section(table, "Reward brevity") == ["| Reward brevity | mine | 0.6 | 2 | 0.6 | 2 |"]
+    titles = [line.split(" | ")[0][2:] for line in table.splitlines()[2:]
+              if not line.startswith("|  |")]
+    assert titles[0] == "Accuracy reward" and titles.index("Held-out accuracy") < titles.index(
+        "SFT loss")
