@@ -295,8 +295,10 @@ def check_outputs(run_dirs, out, table_path):
         if path.is_dir():
             raise UserError(f"{flag_name} {path}: a folder; name a file in it")
         if path.exists() and not ours(path):
+            unmarked = path == out and out.suffix[1:].lower() not in CREATOR_FORMATS
             raise UserError(f"{flag_name} {path}: a file report.py did not write, kept as it is; "
-                            "name a new file")
+                            "name a new file" + (f" (a {out.suffix} holds no mark of report.py: "
+                                                 "it is never replaced)" if unmarked else ""))
 
 
 # A figure carries this as its creator, where the format has one: a later report knows it may

@@ -220,6 +220,8 @@ def test_a_report_writes_over_no_file_it_did_not_write(runs, tmp_path, capsys):
     assert (checkpoint / "aha.md").read_text().startswith("| metric | run |")
     assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter_config.json", "aha.md",
                                                             "aha.svg"]
+    report.main([*runs, "--out", str(tmp_path / "aha.jpg")])  # no room for a mark: new only
+    assert "holds no mark" in error_of([*runs, "--out", str(tmp_path / "aha.jpg")], capsys)
 
 
 def test_the_same_run_twice_is_refused(runs, tmp_path, capsys):
