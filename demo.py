@@ -113,3 +113,12 @@ def build_demo_model(folder, seed, tasks, image_size):
         loss = warm_up_format(folder, examples, seed=seed)
         done.write_text(json.dumps({"warmup_final_loss": loss}))
     return str(folder)
+
+
+if __name__ == "__main__":  # this file holds the demo's parts; train.py runs it
+    import sys
+
+    print("demo.py holds the demo's settings and model; run the demo with\n"
+          "  python train.py --demo --output_dir runs/demo    (README \"The demo\")",
+          file=sys.stderr)
+    sys.exit(2)

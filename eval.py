@@ -162,6 +162,17 @@ def compiled_decoder(cfg, tuned, processor, view, prompt_rows, items):
     return decoder
 
 
+def check_fit(cfg, config):
+    """--max_new_tokens within the model's positions, and the --adapter fitting the model (its
+    modules, sizes and rank, from the safetensors header): one line each, before it loads."""
+    model.check_positions(config, cfg.max_new_tokens, "--max_new_tokens")
+    try:
+        cfg.adapter and runs.check_adapter(cfg.adapter, model.parameter_shapes(config),
+                                           f"--model {cfg.model}")
+    except ValueError as e:
+        raise UserError(f"--adapter {cfg.adapter}: {e}") from e
+
+
 def evaluate(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.compile_decode is None:  # on where it pays: CUDA graphs
@@ -172,7 +183,9 @@ def evaluate(cfg):
         raise UserError(f"--adapter {cfg.adapter}: {e}") from e
     with runs.locked(cfg.output_dir, "--output_dir") as out:
         shown_as, content, prompt_rows = load_items(cfg)
-        config, processor = model.load_config(cfg.model), model.load_processor(cfg.model)
+        config = model.load_config(cfg.model)
+        check_fit(cfg, config)
+        processor = model.load_processor(cfg.model)
         view = data.model_view(config, processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
         record = provenance(cfg, view, content)
@@ -181,6 +194,8 @@ def evaluate(cfg):
         runs.write_atomic(predictions, "".join(json.dumps(r) + "\n" for r in done.values()))
         runs.write_atomic(out / "eval_config.json", json.dumps(record, indent=2))
         todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
+        if len(todo) < len(items):  # the same command again: say so, not just print the table
+            print(f"reusing {len(items) - len(todo)} predictions from {predictions}", flush=True)
         if todo:
             tuned = load_for_eval(cfg, device)
             decoder = compiled_decoder(cfg, tuned, processor, view, prompt_rows, len(todo))

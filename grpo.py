@@ -102,7 +102,14 @@ def policy_loss(logp, old_logp, ref_logp, advantages, completion_mask, beta=0.0,
     Positions past the mask are replaced before exp(), so a huge log-prob gap there can never
     turn into inf * 0 = NaN, in the loss or its gradient.
     Returns (loss, stats); stats are floats, token means over this micro-batch: kl,
-    clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean.
+    clip_ratio/low_mean, clip_ratio/high_mean, clip_ratio/region_mean; and the extremes over its
+    sequences of each sequence's clipped fraction, as the reference library (TRL 1.16):
+
+        clip_ratio/low_min  = min_i (sum_t m_it [rho_it < 1 - eps_low and A_i < 0]) / sum_t m_it
+        clip_ratio/high_max = max_i (sum_t m_it [rho_it > 1 + eps_high and A_i > 0]) / sum_t m_it
+
+    over the sequences i with a token; the min and max of these over micro-batches are the
+    batch's, however it is cut.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -127,6 +134,12 @@ def policy_loss(logp, old_logp, ref_logp, advantages, completion_mask, beta=0.0,
              "clip_ratio/low_mean": masked_mean(low),
              "clip_ratio/high_mean": masked_mean(high),
              "clip_ratio/region_mean": masked_mean(low | high)}
+    lengths = mask.sum(1)                                                      # (n,)
+    if lengths.any():
+        def per_sequence(x):  # each sequence's fraction of its tokens
+            return ((x & mask).sum(1) / lengths.clamp(min=1))[lengths > 0]    # (n,)
+        stats.update({"clip_ratio/low_min": per_sequence(low).min().item(),
+                      "clip_ratio/high_max": per_sequence(high).max().item()})
     return loss, stats
 
 

@@ -3,13 +3,17 @@
     python report.py runs/seed0 runs/seed1 runs/seed2 --out aha.png    # and aha.md
     python report.py runs/demo --smooth 10 --table results.md
 
-A panel per metric against the step (the rewards, completion length, reflection, KL, held-out
-accuracy when logged): each run a thin line; several runs (seeds) add their mean and a band (std
-or min-max across runs), at each step over the runs that logged it, so runs of different lengths
-mix. The table: each run's final and peak values, raw, and their mean ± std across runs.
+A panel per metric against the step, what each kind of run logs (GRPO: the rewards, completion
+length, reflection, KL, held-out accuracy; grounding adds the boxes per answer, Acc@0.5 or mAP;
+SFT: its loss and token accuracy): each run a thin line; several runs (seeds) add their mean and
+a band (std or min-max across runs), at each step over the runs that logged it, so runs of
+different lengths mix. The table: each run's final and peak values, raw, and their mean ± std
+across runs. Both are written as new files, or over report.py's own earlier ones, never over
+another file.
 """
 
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +29,25 @@ from r1v import cli
 from r1v import runs as runs_io
 from r1v.cli import UserError, flag
 
-PANELS = {  # metric: (title, y label), in the order drawn
-    "rewards/accuracy/mean": ("Accuracy reward", "mean over completions"),
-    "rewards/format/mean": ("Format reward", "mean over completions"),
+REWARD = "mean over completions"
+GENERATED = {  # what every GRPO run logs of its completions
+    "rewards/format/mean": ("Format reward", REWARD),
     "completions/mean_length": ("Completion length", "tokens, mean"),
     "completions/reflection_ratio": ("Self-reflection", "fraction of completions"),
     "kl": ("KL to the reference", "k3 KL per token"),
-    "eval/accuracy": ("Held-out accuracy", "greedy, strict"),
+}
+PANELS = {  # each kind of run: {metric: (title, y label)}, in the order drawn
+    "choice": {"rewards/accuracy/mean": ("Accuracy reward", REWARD), **GENERATED,
+               "eval/accuracy": ("Held-out accuracy", "greedy, strict")},
+    "rec": {"rewards/iou/mean": ("IoU reward", REWARD), **GENERATED,
+            "boxes/per_answer": ("Boxes per answer", "mean; the gold has one"),
+            "eval/accuracy": ("Held-out Acc@0.5", "greedy, IoU >= 0.5")},
+    "ovd": {"rewards/detection/mean": ("Detection reward", REWARD), **GENERATED,
+            "boxes/per_answer": ("Boxes per answer", "mean over completions"),
+            "eval/mAP": ("Held-out mAP", "greedy, COCO mAP@[.5:.95]")},
+    "sft": {"loss": ("SFT loss", "answer tokens' mean NLL"),
+            "mean_token_accuracy": ("Answer token accuracy", "fraction of answer tokens"),
+            "eval/accuracy": ("Held-out accuracy", "greedy, strict")},
 }
 PHRASES = "completions/reflection/"  # + each key of metrics.REFLECTION_KEYS, in one panel
 PHRASES_PANEL = ("Reflection by phrase", "fraction of completions")
@@ -115,7 +131,16 @@ def aggregate(curves, band):
     return steps, mean, mean - std, mean + std
 
 
-def draw(runs, names, panels, cfg):
+def kind_of(run):
+    """The kind of run (a key of PANELS), from a metric only that kind logs."""
+    if "mean_token_accuracy" in run:
+        return "sft"
+    if "rewards/detection/mean" in run or "eval/mAP" in run:
+        return "ovd"
+    return "rec" if "boxes/per_answer" in run else "choice"
+
+
+def draw(runs, names, panels, titles, cfg):
     """One figure: a panel per metric, in two rows when more than three."""
     rows = 1 if len(panels) <= 3 else 2
     cols = math.ceil(len(panels) / rows)
@@ -126,7 +151,7 @@ def draw(runs, names, panels, cfg):
             draw_phrases(ax, runs, cfg.smooth)
         else:
             draw_runs(ax, [run.get(key) for run in runs], cfg)
-        title, ylabel = PANELS.get(key, PHRASES_PANEL)
+        title, ylabel = titles.get(key, PHRASES_PANEL)
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         flat = key != PHRASES and not any(run[key][1].any() for run in runs if key in run)
         ax.set_ylim(0, 1 if flat else max(ax.get_ylim()[1], 1e-3))  # every metric drawn is >= 0
@@ -181,12 +206,15 @@ def list_metrics(runs):  # in the order first logged: the trainer's order
     return list(dict.fromkeys(key for run in runs for key in run))
 
 
-def format_table(runs, names, keys):
+TABLE_HEADER = "| metric | run | final | at step | peak | at step |"
+
+
+def format_table(runs, names, keys, titles):
     """Markdown: each run's final and peak value of each metric; mean ± std over the runs."""
-    lines = ["| metric | run | final | at step | peak | at step |",
+    lines = [TABLE_HEADER,
              "|---|---|---:|---:|---:|---:|"]
     for key in keys:
-        finals, peaks, title = [], [], PANELS[key][0]
+        finals, peaks, title = [], [], titles[key][0]
         for name, run in zip(names, runs):
             if key in run:
                 steps, values = run[key]
@@ -211,35 +239,91 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="a run's --output_dir, with its metrics.jsonl; several: seeds")
     given = vars(parser.parse_args(argv))
+    check_distinct(given["runs"])
     run_dirs = [Path(d) for d in given.pop("runs")]
     cfg = ReportConfig(**given)
+    out = Path(cfg.out)
+    table_path = Path(cfg.table) if cfg.table else out.with_suffix(".md")
+    check_outputs(run_dirs, out, table_path)
     runs = [read_metrics(d) for d in run_dirs]
     names = [d.resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # seeds/a/run and seeds/b/run: the names as given
         names = [str(d) for d in run_dirs]
     logged = list_metrics(runs)
-    panels = [key for key in PANELS if key in logged]
-    if absent := [key for key in PANELS if key not in logged]:
+    titles = {}  # each kind's panels, the first run's kind first, then rewards of one's own
+    for kind in dict.fromkeys(kind_of(run) for run in runs):
+        titles.update({k: v for k, v in PANELS[kind].items() if k not in titles})
+    for key in logged:
+        if (own := re.fullmatch(r"rewards/([^/]+)/mean", key)) and key not in titles:
+            titles[key] = (f"Reward {own.group(1)}", REWARD)
+    panels = [key for key in titles if key in logged]
+    if absent := [key for key in titles if key not in logged]:
         print(f"note: no run logs {', '.join(absent)}; left out", file=sys.stderr)
     if any(key.startswith(PHRASES) and any(key in run and run[key][1].any() for run in runs)
            for key in logged):  # an empty panel when no completion ever reflected says nothing
         panels.append(PHRASES)
     if not panels:
-        raise UserError(f"no run logs any of {', '.join(PANELS)}")
-    out = Path(cfg.out)
-    table_path = Path(cfg.table) if cfg.table else out.with_suffix(".md")
+        raise UserError(f"no run logs any of {', '.join(titles)}")
+    text = format_table(runs, names, [key for key in panels if key in titles], titles)
+    figure = draw(runs, names, panels, titles, cfg)
+    runs_io.write_atomic(out, lambda tmp: save_figure(figure, tmp), f"--out {out}")
+    runs_io.write_atomic(table_path, text, f"--table {table_path}")
+    print(text, end="")
+    print(f"wrote {out} and {table_path}", file=sys.stderr)
+
+
+def check_distinct(run_dirs):
+    """One run given twice (`base`, `x/../base/`, a link to it) would count as two seeds."""
+    seen = {}
+    for run in run_dirs:
+        if (path := Path(run).resolve()) in seen:
+            raise UserError(f"{run} is {seen[path]} again ({path}): give each run once")
+        seen[path] = run
+
+
+def check_outputs(run_dirs, out, table_path):
+    """The figure and the table go to new files, or over report.py's own earlier ones: never
+    over a run's file, a checkpoint's, or any file report.py did not write."""
     kept = {(d / name).resolve() for d in run_dirs for name in runs_io.RUN_FILES}
     for flag_name, path in (("--out", out), ("--table", table_path)):
         if path.resolve() in kept:  # the report's inputs, and the runs' other files
             raise UserError(f"{flag_name} {path} is a run's own file: choose another path")
     if out.resolve() == table_path.resolve():
         raise UserError(f"--table {table_path} is the figure's --out: choose another path")
-    text = format_table(runs, names, [key for key in panels if key in PANELS])
-    figure = draw(runs, names, panels, cfg)
-    runs_io.write_atomic(out, lambda tmp: figure.savefig(tmp, dpi=150), f"--out {out}")
-    runs_io.write_atomic(table_path, text, f"--table {table_path}")
-    print(text, end="")
-    print(f"wrote {out} and {table_path}", file=sys.stderr)
+    for flag_name, path, ours in (("--out", out, is_our_figure),
+                                  ("--table", table_path, is_our_table)):
+        if path.is_dir():
+            raise UserError(f"{flag_name} {path}: a folder; name a file in it")
+        if path.exists() and not ours(path):
+            unmarked = path == out and out.suffix[1:].lower() not in CREATOR_FORMATS
+            raise UserError(f"{flag_name} {path}: a file report.py did not write, kept as it is; "
+                            "name a new file" + (f" (a {out.suffix} holds no mark of report.py: "
+                                                 "it is never replaced)" if unmarked else ""))
+
+
+# A figure carries this as its creator, where the format has one: a later report knows it may
+# replace the file. A format without one (jpg...) is written only as a new file.
+CREATOR = "report.py of r1v"
+CREATOR_FORMATS = ("png", "pdf", "svg", "eps", "ps")
+
+
+def save_figure(figure, path):
+    fmt = Path(path).suffix[1:].lower()
+    metadata = {"Creator": CREATOR} if fmt in CREATOR_FORMATS else None
+    figure.savefig(path, dpi=150, metadata=metadata)
+
+
+def is_our_figure(path):
+    with cli.user_error(f"--out {path}", OSError):
+        if path.stat().st_size > 100 * 2**20:  # no figure of ours is this large
+            return False
+        return CREATOR.encode() in path.read_bytes()
+
+
+def is_our_table(path):
+    with cli.user_error(f"--table {path}", OSError):
+        with open(path, "rb") as f:
+            return f.read(len(TABLE_HEADER) + 1) == TABLE_HEADER.encode() + b"\n"
 
 
 if __name__ == "__main__":

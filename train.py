@@ -166,22 +166,20 @@ def micro_batch_loss(model, mb, cfg, num_sequences, num_tokens):
 def accumulate_gradients(model, rollout, cfg, num_sequences, num_tokens):
     """Forward and backward over the micro-batches, normalised by the whole batch's sequences
     and completion tokens: the gradients add up to the batch's however it is cut (detail 6).
-    Returns this rollout's share of the batch's loss and of its stats (token means), and the
-    lowest and highest micro-batch clip ratios."""
+    Returns this rollout's share of the batch's loss and of its stats (token means; the clip
+    ratios' extremes over its sequences, whatever the micro-batch size)."""
     model.train()
-    loss_sum, stats_sum, low, high = 0.0, {}, [], []
+    loss_sum, stats_sum = 0.0, {}
     for _, mb in rollout.micro_batches(cfg.micro_batch_size):
         loss, stats = micro_batch_loss(model, mb, cfg, num_sequences, num_tokens)
         loss.backward()
         loss_sum += loss.item()
         share = float(mb.completion_mask.sum() / num_tokens)
         for key, value in stats.items():
-            stats_sum[key] = stats_sum.get(key, 0.0) + value * share
-        if "clip_ratio/low_mean" in stats:
-            low.append(stats["clip_ratio/low_mean"])
-            high.append(stats["clip_ratio/high_mean"])
-    if low:  # TRL takes these across processes; one process here: across micro-batches
-        stats_sum.update({"clip_ratio/low_min": min(low), "clip_ratio/high_max": max(high)})
+            if key in processes.EXTREMES:
+                stats_sum[key] = processes.EXTREMES[key](stats_sum.get(key, value), value)
+            else:
+                stats_sum[key] = stats_sum.get(key, 0.0) + value * share
     return loss_sum, stats_sum
 
 
@@ -305,6 +303,8 @@ def see_as(name, run, cfg, prompt_rows, held_rows):
     """Model `name`'s processor and how it sees a row; every row's prompt length checked, the
     training's and the held-out's (the longest sizes the decode step's cache)."""
     config = models.load_config(name)  # first: its errors say more (no such folder, no config)
+    models.check_positions(config, cfg.max_prompt_length + cfg.max_completion_length,
+                           "--max_prompt_length + --max_completion_length")
     run.processor = models.load_processor(name)
     run.view = data.model_view(config, run.processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)

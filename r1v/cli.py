@@ -80,9 +80,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(cls, description, presets=None):
-    """An argparse parser with one flag per field of `cls`. Flags not given are left out of the
-    namespace, so the dataclass defaults (or a preset's) apply."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """An argparse parser with one flag per field of `cls`, each given in full. Flags not given
+    are left out of the namespace, so the dataclass defaults (or a preset's) apply."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)  # --max_step is a typo, not --max_steps
     for name, values in (presets or {}).items():
         shown = " ".join(f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else
                          f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"

@@ -39,6 +39,16 @@ def check_source(source, flag):
     return False
 
 
+def offline_hint():
+    """What to say of HF_HUB_OFFLINE after a hub error: how it helps, or, already set, that
+    only the local hub cache was read (never to set what is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set: only the local hub cache was read"
+    return "HF_HUB_OFFLINE=1 skips the retries"
+
+
 def load_hub_dataset(source, flag, **kwargs):
     """`datasets.load_dataset` on a local folder or a hub id, with one-line errors."""
     import datasets
@@ -51,7 +61,7 @@ def load_hub_dataset(source, flag, **kwargs):
             raise UserError(f"{flag} {source}: cannot load it ({type(e).__name__}: {e})") from e
         raise UserError(f"{flag} {source}: cannot load it from the hub ({type(e).__name__}). "
                         "Without hub access, pass a local folder of the same schema "
-                        "(HF_HUB_OFFLINE=1 skips the retries)") from e
+                        f"({offline_hint()})") from e
 
 
 def list_lengths(ds, column):

@@ -265,6 +265,11 @@ def plan_run(cfg, loss, model=None):
 
     cfg = dataclasses.replace(cfg, use_liger=cfg.use_liger is not False,  # a CUDA run's
                               compile_decode=cfg.compile_decode is not False)  # defaults
+    # What can fail at once does, before the minute-long plan: the config, the lengths, the folder.
+    models.check_positions(models.load_config(model or cfg.model),
+                           cfg.max_prompt_length + cfg.max_completion_length,
+                           "--max_prompt_length + --max_completion_length")
+    out = runs.writable_dir(cfg.output_dir, "--output_dir")
     print(f"planning a step of {cfg.model} as fake tensors (no weights): about a minute on a "
           "CPU for a 2B model, longer for larger ones", flush=True)
 
@@ -274,7 +279,7 @@ def plan_run(cfg, loss, model=None):
         return plan(lambda peft_model, mb: loss(peft_model, mb, run, len(mb), 1),
                     **{**flags, "model": model or run.model})
     result = report(planned, cfg.gpu_memory_gib, dataclasses.asdict(cfg))
-    path = runs.writable_dir(cfg.output_dir, "--output_dir") / "memory_plan.json"
+    path = out / "memory_plan.json"
     runs.write_atomic(path, json.dumps({**result, "settings": dataclasses.asdict(cfg)}, indent=2))
     print(f"the plan is in {path}")
     return result

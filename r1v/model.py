@@ -20,8 +20,17 @@ LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|u
 BOX_FRAMES = {"qwen2_vl": "norm1000", "qwen2_5_vl": "pixels"}
 PROMPT_FORMATS = ("auto", "r1", "chat")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-HUB_HINT = (". Without hub access, give a local folder (HF_HUB_OFFLINE=1 skips the retries), or "
-            "run the offline demo: python train.py --demo")
+# Keys of a config.json that a run, a plan and an evaluation read: one missing would take
+# transformers' default (another model's size) and fail later with a traceback, or not at all.
+CONFIG_KEYS = ("vision_config", "image_token_id", "vision_start_token_id", "vision_end_token_id")
+TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "vocab_size", "max_position_embeddings")
+VISION_KEYS = ("depth", "num_heads")
+
+
+def hub_hint():
+    return (f". Without hub access, give a local folder ({hub.offline_hint()}), or run the "
+            "offline demo: python train.py --demo")
 
 
 class SpecialTokens(NamedTuple):
@@ -48,12 +57,40 @@ def load_config(name, flag="--model"):
     hub.check_source(name, flag)
     # ValueError: a config.json transformers cannot parse
     with user_error(f"{flag} {name!r}: cannot load its config", OSError, ValueError,
-                    hint=HUB_HINT):
+                    hint=hub_hint()):
         config = AutoConfig.from_pretrained(name)
     if config.model_type not in BOX_FRAMES:
         raise UserError(f"{flag} {name!r}: model_type {config.model_type!r} is not supported; "
                         f"supported: {', '.join(BOX_FRAMES)}")
+    raw = config.get_config_dict(name)[0]  # the file's keys, before transformers' defaults
+    text = {**raw, **raw.get("text_config", {})}  # older configs hold the text keys on top
+    missing = [k for k in CONFIG_KEYS if k not in raw] + [
+        k for k in TEXT_KEYS if k not in text] + [
+        f"vision_config.{k}" for k in VISION_KEYS if "vision_config" in raw
+        and k not in raw["vision_config"]]
+    if missing:
+        raise UserError(f"{flag} {name!r}: its config.json lacks {', '.join(missing)}; give "
+                        "the folder of a whole Qwen2-VL or Qwen2.5-VL checkpoint")
     return config
+
+
+def parameter_shapes(config):
+    """{name: shape} of the base model's parameters, built from its config on the meta device
+    (no storage: a fraction of a second for a 2B model): what an adapter must fit."""
+    import transformers
+
+    with torch.device("meta"):
+        base = transformers.AutoModelForImageTextToText.from_config(config)
+    return {name: tuple(p.shape) for name, p in base.named_parameters()}
+
+
+def check_positions(config, tokens, what):
+    """`tokens` (a prompt and completion's most) within the text model's positions: past them
+    RoPE runs on positions never trained, and a step takes hours."""
+    limit = config.get_text_config().max_position_embeddings
+    if tokens > limit:
+        raise UserError(f"{what} = {tokens} tokens, past the model's {limit} positions "
+                        "(max_position_embeddings): lower it")
 
 
 def eos_ids(name, processor):
@@ -73,7 +110,7 @@ def load_processor(name, flag="--model"):
     from transformers import AutoProcessor
 
     with user_error(f"{flag} {name!r}: cannot load its processor", OSError, ValueError,
-                    hint=HUB_HINT):  # ValueError: a folder without the processor's files
+                    hint=hub_hint()):  # ValueError: a folder without the processor's files
         return AutoProcessor.from_pretrained(name)
 
 
@@ -196,7 +233,8 @@ def liger_grpo_loss(hidden, weight, mb, temperature, num_sequences, num_tokens, 
     """grpo.policy_loss through Liger's fused linear GRPO loss: projection, log-softmax and loss
     chunk by chunk, from the completion positions' `hidden` states (n, C, H) and the output
     projection `weight` (V, H). Liger normalises grpo, bnpo and dr_grpo by the micro-batch's
-    sequences; the factor n / N makes them whole-batch normalisers, as in grpo.aggregate."""
+    sequences; the factor n / N makes them whole-batch normalisers, as in grpo.aggregate. Its
+    metrics hold only the combined clip ratio: no low/high means, no per-sequence extremes."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     loss_fn = LigerFusedLinearGRPOLoss(

@@ -86,13 +86,17 @@ class Processes:
                             "`wandb login`, or WANDB_MODE=offline") from e
 
 
+# Stats that are extremes over the batch's sequences (grpo.policy_loss): the extreme of the
+# extremes of its parts, micro-batches or processes.
+EXTREMES = {"clip_ratio/low_min": min, "clip_ratio/high_max": max}
+
+
 def gather_stats(procs, loss, stats):
     """The whole batch's loss and stats from the processes' shares: each is a share of a
     whole-batch mean, so they add up; the clip ratios' extremes are the extremes."""
     shares = procs.gather((loss, stats))
-    pick = {"clip_ratio/low_min": min, "clip_ratio/high_max": max}
     return (sum(loss for loss, _ in shares),
-            {k: pick.get(k, sum)(s[k] for _, s in shares) for k in stats})
+            {k: EXTREMES.get(k, sum)(s[k] for _, s in shares) for k in stats})
 
 
 @contextlib.contextmanager

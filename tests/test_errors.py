@@ -265,3 +265,125 @@ def test_eval_names_its_default_folder_by_model_adapter_and_benchmark():
     assert cfg.output_dir == str(Path("runs/eval/Qwen2-VL-2B-sat-checkpoint-30/cvbench"))
     assert flags.EvalConfig(dataset="my_task.jsonl").output_dir.endswith("my_task")
     assert flags.EvalConfig(benchmark="sat", split="test").output_dir.endswith("sat-test")
+
+
+@pytest.mark.parametrize("entry", ["train", "eval", "report"])
+def test_a_flag_is_never_taken_for_a_longer_one(entry, capsys):
+    """`--max_step 5` is not `--max_steps 5` (argparse's abbreviations are off)."""
+    import report
+
+    main = {"train": train.main, "eval": evaluation.main, "report": report.main}[entry]
+    short = {"train": "--max_step", "eval": "--max_new_token", "report": "--smoot"}[entry]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, ["runs/none", short, "5"] if entry == "report" else [short, "5"])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {short} 5" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_offline_error_does_not_ask_for_what_is_set(monkeypatch):
+    from huggingface_hub import constants
+
+    from r1v import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(cli.UserError) as error:
+        model.load_config("nobody-here/no-such-model")
+    assert "HF_HUB_OFFLINE=1" not in str(error.value) and "HF_HUB_OFFLINE is set" in str(
+        error.value)
+    with pytest.raises(cli.UserError) as error:
+        hub.load_hub_dataset("nobody-here/no-such-data", "--dataset", split="train")
+    assert "HF_HUB_OFFLINE=1" not in str(error.value) and "HF_HUB_OFFLINE is set" in str(
+        error.value)
+
+
+def test_demo_py_says_how_to_run_the_demo():
+    done = subprocess.run([sys.executable, "demo.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert "python train.py --demo --output_dir runs/demo" in done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_lengths_past_the_models_positions_are_refused_before_it_loads(
+    tmp_path, capsys, monkeypatch, tiny_model_dir
+):
+    """The tiny model has 32768 positions, as Qwen2-VL-2B: a run or an evaluation that would
+    go past them is one line, not hours of steps."""
+    task = write_task(tmp_path / "task")
+    status, err = run_train(
+        capsys, monkeypatch, "--model", tiny_model_dir, "--dataset", task,
+        "--prompts_per_step", "2", "--max_completion_length", "40000",
+        "--output_dir", str(tmp_path / "o"),
+    )
+    assert status == 2 and "= 41024 tokens, past the model's 32768 positions" in one_error_line(
+        err)
+    monkeypatch.setattr(model, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit):
+        cli.run(evaluation.main, ["--model", tiny_model_dir, "--dataset", task,
+                                  "--max_new_tokens", "40000", "--output_dir", str(tmp_path / "e")])
+    error = one_error_line(capsys.readouterr().err)
+    assert "--max_new_tokens = 40000 tokens, past the model's 32768 positions" in error
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    model.load_policy(tiny_model_dir, torch.device("cpu"), lora_r=2,
+                      lora_alpha=4).save_pretrained(folder)
+    return folder
+
+
+def foreign_adapter(tiny_adapter, folder, config_changes=None, tensor_changes=None):
+    """A copy of the tiny model's adapter with its config's keys changed, and its tensors (by
+    the end of their names) replaced by {name end: shape}."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    config = json.loads((tiny_adapter / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **(config_changes or {})}))
+    tensors = load_file(tiny_adapter / "adapter_model.safetensors")
+    for end, shape in (tensor_changes or {}).items():
+        for name in [n for n in tensors if n.endswith(end)]:
+            tensors[name] = torch.zeros(shape)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["other base", "other layers", "target list", "target regex",
+                                  "rank"])
+def test_an_adapter_that_does_not_fit_the_model_is_named_before_it_loads(
+    case, tmp_path, capsys, monkeypatch, tiny_model_dir, tiny_adapter
+):
+    """Another base's adapter (other sizes, more layers), a target module the model lacks, an
+    r its weights do not have: one line from the safetensors header, no model loaded."""
+    lm = "language_model.layers"
+    config_changes, tensor_changes, expected = {
+        "other base": ({}, {"layers.0.self_attn.q_proj.lora_A.weight": (2, 96)},
+                       f"model.{lm}.0.self_attn.q_proj takes 96 inputs here, 64 in --model"),
+        "other layers": ({}, {}, None),
+        "target list": ({"target_modules": ["q_proj", "qkv_proj"]}, {},
+                        "target module 'qkv_proj' is no module of --model"),
+        "target regex": ({"target_modules": r".*\.self_attn\.qkv_proj"}, {},
+                         "target modules '.*\\\\.self_attn\\\\.qkv_proj' match no linear layer"),
+        "rank": ({"r": 4}, {}, "r 4, but its weights have rank 2"),
+    }[case]
+    adapter = foreign_adapter(tiny_adapter, tmp_path / "adapter", config_changes, tensor_changes)
+    if case == "other layers":  # an adapter of a deeper model: a layer this one lacks
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        tensors.update({k.replace("layers.1.", "layers.7."): v.clone()
+                        for k, v in tensors.items() if "layers.1." in k})
+        save_file(tensors, adapter / "adapter_model.safetensors")
+        expected = f"model.{lm}.7.mlp.down_proj, which --model {tiny_model_dir} does not have"
+    before = {p: p.read_bytes() for p in adapter.iterdir()}
+    task = write_task(tmp_path / "task")
+    monkeypatch.setattr(model, "load_base_model", lambda *a, **k: pytest.fail("model loaded"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.run(evaluation.main, ["--model", tiny_model_dir, "--adapter", str(adapter),
+                                  "--dataset", task, "--output_dir", str(tmp_path / "e")])
+    error = one_error_line(capsys.readouterr().err)
+    assert error.startswith(f"error: --adapter {adapter}: ") and expected in error, error
+    assert {p: p.read_bytes() for p in adapter.iterdir()} == before
+    assert not (tmp_path / "e").exists()

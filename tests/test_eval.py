@@ -267,3 +267,19 @@ def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
     assert Path(json.loads((out / "eval_config.json").read_text())["adapter"]) == \
         Path(adapter).resolve()
     assert json.loads((out / "eval_config.json").read_text())["synthetic_tasks"] == ["background"]
+
+
+def test_a_second_evaluation_says_how_many_predictions_it_reuses(tmp_path, tiny_model_dir,
+                                                                  capsys):
+    out = tmp_path / "e"
+    argv = ["--model", tiny_model_dir, "--dataset", "synthetic", "--synthetic_tasks",
+            "background", "--synthetic_image_size", "56", "--limit", "4", "--max_new_tokens", "2",
+            "--output_dir", str(out)]
+    first = evaluation.main(argv)
+    assert "reusing" not in capsys.readouterr().out
+    assert evaluation.main(argv) == first
+    assert f"reusing 4 predictions from {out / 'predictions.jsonl'}" in capsys.readouterr().out
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (out / "predictions.jsonl").write_text("".join(lines[:3]))  # killed after 3
+    evaluation.main(argv)
+    assert f"reusing 3 predictions from {out / 'predictions.jsonl'}" in capsys.readouterr().out

@@ -188,3 +188,60 @@ def test_micro_batch_losses_add_up_to_the_batch_loss(loss_type, kwargs, cuts):
     (grad,) = torch.autograd.grad(parts, logp)
     torch.testing.assert_close(parts, whole)
     torch.testing.assert_close(grad, whole_grad)
+
+
+def test_clip_extremes_are_over_sequences_as_trl():
+    """clip_ratio/low_min, /high_max: the min/max over sequences of each sequence's fraction of
+    clipped tokens (TRL 1.16), not of token means."""
+    ratios = torch.tensor([[0.5, 0.5, 1.0, 1.0],    # A < 0: 2 of 4 clipped below
+                           [0.5, 1.0, 1.0, 1.0],    # A < 0: 1 of 4
+                           [1.5, 1.0, 3.0, 3.0]])   # A > 0: 1 of its 2 tokens clipped above
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+    adv = torch.tensor([-1.0, -1.0, 1.0])
+    _, stats = grpo.policy_loss(torch.log(ratios), torch.zeros(3, 4), None, adv, mask)
+    assert stats["clip_ratio/low_mean"] == pytest.approx(3 / 10)  # token means
+    assert stats["clip_ratio/high_mean"] == pytest.approx(1 / 10)
+    assert stats["clip_ratio/low_min"] == 0.0  # sequence 2 (A > 0) has no low clipping
+    assert stats["clip_ratio/high_max"] == pytest.approx(0.5)
+    _, stats = grpo.policy_loss(torch.log(ratios[:2]), torch.zeros(2, 4), None, adv[:2], mask[:2])
+    assert stats["clip_ratio/low_min"] == pytest.approx(0.25)
+    assert stats["clip_ratio/high_max"] == 0.0
+
+
+def test_clip_extremes_do_not_depend_on_the_micro_batch_size(monkeypatch):
+    """train.accumulate_gradients on one batch of 12 sequences, cut in 12, 4 or 5: the same
+    extremes, those of the 12 sequences' clipped fractions."""
+    import types
+
+    import train
+    from r1v import policy
+
+    torch.manual_seed(0)
+    N, C = 12, 6
+    lengths = torch.randint(1, C + 1, (N,))
+    mask = (torch.arange(C) < lengths.unsqueeze(1)).long()                    # (N, C)
+    rollout = policy.Rollout(torch.ones(N, 2, dtype=torch.long), torch.ones(N, 2, dtype=torch.long),
+                             torch.zeros(N, 2, dtype=torch.long), [], torch.zeros(0, 3),
+                             torch.zeros(N, dtype=torch.long), torch.ones(N, C, dtype=torch.long),
+                             mask, advantages=torch.randn(N), old_logp=0.4 * torch.randn(N, C))
+
+    def loss(model, mb, cfg, num_sequences, num_tokens):  # logp 0: the ratio is exp(-old_logp)
+        logp = torch.zeros(mb.old_logp.shape, requires_grad=True)
+        return grpo.policy_loss(logp, mb.old_logp, None, mb.advantages, mb.completion_mask,
+                                loss_type="dapo", num_sequences=num_sequences,
+                                num_tokens=num_tokens)
+    monkeypatch.setattr(train, "micro_batch_loss", loss)
+    signs, old_logp = rollout.advantages, rollout.old_logp
+    # as sampled; then every advantage < 0 and lower ratios, so that low_min > 0
+    for advantages, shift in ((signs, 0.0), (-signs.abs(), 0.8)):
+        rollout.advantages, rollout.old_logp = advantages, old_logp + shift
+        ratio, adv = torch.exp(-rollout.old_logp), advantages.unsqueeze(1)
+        low = ((ratio < 0.8) & (adv < 0) & mask.bool()).sum(1) / lengths      # (N,)
+        high = ((ratio > 1.2) & (adv > 0) & mask.bool()).sum(1) / lengths     # (N,)
+        assert high.max() > 0 or low.min() > 0
+        for size in (12, 4, 5):
+            cfg = types.SimpleNamespace(micro_batch_size=size)
+            _, stats = train.accumulate_gradients(torch.nn.Linear(1, 1), rollout, cfg, N,
+                                                  mask.sum())
+            assert stats["clip_ratio/low_min"] == pytest.approx(low.min().item()), size
+            assert stats["clip_ratio/high_max"] == pytest.approx(high.max().item()), size

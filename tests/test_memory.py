@@ -207,3 +207,42 @@ def test_the_static_cache_of_the_compiled_decode_is_planned_whole_and_kept(tiny_
         kept = static["phases"][phase] - growing["phases"][phase]
         assert kept == pytest.approx(cache, rel=0.02), phase
     assert static["phases"]["generation"] > growing["phases"]["generation"]
+
+
+def test_a_plan_checks_its_inputs_before_it_plans(tiny_model_dir, tmp_path, capsys,
+                                                  monkeypatch):
+    """A config missing a key, an --output_dir that cannot be written, lengths past the
+    model's positions: one line at once, before the minute-long plan or its announcement."""
+    from r1v import cli
+
+    monkeypatch.setattr(memory, "plan", lambda *a, **k: pytest.fail("planned"))
+
+    def error_of(model, *flags):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(train.main, ["--model", model, "--plan_memory", "--output_dir",
+                                 str(tmp_path / "plan"), *flags])
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 2 and "about a minute" not in captured.out
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        return lines[0]
+
+    for broken, key in (("vision_config", "vision_config"), ("text_config.hidden_size",
+                                                              "hidden_size")):
+        folder = tmp_path / key
+        folder.mkdir()
+        config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+        if "." in broken:
+            del config["text_config"][key]
+        else:
+            del config[key]
+        (folder / "config.json").write_text(json.dumps(config))
+        error = error_of(str(folder))
+        assert str(folder) in error and f"lacks {key}" in error, error
+    (tmp_path / "file").write_text("mine")
+    error = error_of(tiny_model_dir, "--output_dir", str(tmp_path / "file"))
+    assert "--output_dir" in error and "is a file" in error
+    assert (tmp_path / "file").read_text() == "mine"
+    error = error_of(tiny_model_dir, "--max_completion_length", "1000000")
+    assert "1001024 tokens" in error and "32768 positions" in error, error
+    assert not (tmp_path / "plan").exists()

@@ -194,3 +194,89 @@ def test_a_report_never_writes_over_a_runs_files(runs, tmp_path, capsys):
     assert "is the figure's --out" in error_of([*runs, "--out", same, "--table", same], capsys)
     assert {p: p.read_bytes() for r in runs for p in Path(r).iterdir()} == before
     assert not config.exists()
+
+
+def test_a_report_writes_over_no_file_it_did_not_write(runs, tmp_path, capsys):
+    """Only new files, or report.py's own earlier figure and table: never a checkpoint's file."""
+    checkpoint = Path(runs[0]) / "checkpoint-2"
+    checkpoint.mkdir()
+    adapter = checkpoint / "adapter_config.json"
+    adapter.write_text('{"r": 8}\n')
+    picture = tmp_path / "mine.png"
+    Image.new("RGB", (4, 4)).save(picture)
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    before = {p: p.read_bytes() for p in (adapter, picture, notes)}
+    assert f"--table {adapter}: " in error_of([*runs, "--out", str(tmp_path / "a.png"),
+                                                 "--table", str(adapter)], capsys)
+    assert f"--out {picture}: " in error_of([*runs, "--out", str(picture)], capsys)
+    assert f"--table {notes}: " in error_of([*runs, "--out", str(tmp_path / "a.png"),
+                                               "--table", str(notes)], capsys)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (tmp_path / "a.png").exists()
+    # a new name in a checkpoint's folder, asked for; then the same command again, over its own
+    for _ in range(2):
+        report.main([*runs, "--out", str(checkpoint / "aha.svg")])
+    assert (checkpoint / "aha.md").read_text().startswith("| metric | run |")
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter_config.json", "aha.md",
+                                                            "aha.svg"]
+    report.main([*runs, "--out", str(tmp_path / "aha.jpg")])  # no room for a mark: new only
+    assert "holds no mark" in error_of([*runs, "--out", str(tmp_path / "aha.jpg")], capsys)
+
+
+def test_the_same_run_twice_is_refused(runs, tmp_path, capsys):
+    """One run given twice is not two seeds: by another path, or through a link."""
+    a = Path(runs[0])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "link").symlink_to(a)
+    for again in (f"{tmp_path}/x/../a/", str(tmp_path / "link")):
+        error = error_of([runs[0], runs[1], again, "--out", str(tmp_path / "r.png")], capsys)
+        assert error.startswith(f"error: {again} is {runs[0]} again") and "once" in error
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_an_sft_run(tmp_path, capsys):
+    """SFT logs its loss and token accuracy, no reward: those are drawn."""
+    run = write_run(tmp_path / "sft", {"loss": [2.0, 1.0, 0.5], "mean_token_accuracy":
+                                       [0.3, 0.6, 0.9], EVAL: [None, None, 0.5],
+                                       "grad_norm": [1.0, 1.0, 1.0]})
+    report.main([run, "--out", str(tmp_path / "sft.png")])
+    table = (tmp_path / "sft.md").read_text()
+    assert section(table, "SFT loss") == ["| SFT loss | sft | 0.5 | 3 | 2 | 1 |"]
+    assert section(table, "Answer token accuracy") == [
+        "| Answer token accuracy | sft | 0.9 | 3 | 0.9 | 3 |"]
+    assert "| Held-out accuracy | sft | 0.5 | 3 |" in table
+    assert "note: " not in capsys.readouterr().err  # it logs all an SFT run logs
+
+
+@pytest.mark.parametrize("task", ["rec", "ovd"])
+def test_a_grounding_run(task, tmp_path):
+    """rec: the IoU reward, the boxes per answer and Acc@0.5; ovd: detection and mAP."""
+    reward, held = (("rewards/iou/mean", EVAL) if task == "rec"
+                    else ("rewards/detection/mean", "eval/mAP"))
+    run = write_run(tmp_path / task, {reward: [0.1, 0.4], FMT: [0.5, 1.0],
+                                      "boxes/per_answer": [3.0, 1.0], held: [None, 0.6],
+                                      "completions/mean_length": [30, 40], KL: [0, 0.1]})
+    report.main([run, "--out", str(tmp_path / f"{task}.png")])
+    table = (tmp_path / f"{task}.md").read_text()
+    title = "IoU reward" if task == "rec" else "Detection reward"
+    assert section(table, title) == [f"| {title} | {task} | 0.4 | 2 | 0.4 | 2 |"]
+    assert section(table, "Boxes per answer") == [f"| Boxes per answer | {task} | 1 | 2 | 3 | 1 |"]
+    held_title = "Held-out Acc@0.5" if task == "rec" else "Held-out mAP"
+    assert section(table, held_title) == [f"| {held_title} | {task} | 0.6 | 2 | 0.6 | 2 |"]
+    assert "Accuracy reward" not in table
+
+
+def test_a_custom_reward_and_runs_of_two_kinds(runs, tmp_path):
+    """A reward of one's own gets its panel; an SFT run beside GRPO runs adds its panels after
+    theirs (the first run's kind first)."""
+    mine = write_run(tmp_path / "mine", {FMT: [0.5, 1.0], "rewards/brevity/mean": [0.2, 0.6],
+                                         "rewards/brevity/std": [0.1, 0.1]})
+    sft = write_run(tmp_path / "sft", {"loss": [2.0, 1.0], "mean_token_accuracy": [0.3, 0.6]})
+    report.main([runs[0], mine, sft, "--out", str(tmp_path / "r.png")])
+    table = (tmp_path / "r.md").read_text()
+    assert section(table, "Reward brevity") == ["| Reward brevity | mine | 0.6 | 2 | 0.6 | 2 |"]
+    titles = [line.split(" | ")[0][2:] for line in table.splitlines()[2:]
+              if not line.startswith("|  |")]
+    assert titles[0] == "Accuracy reward" and titles.index("Held-out accuracy") < titles.index(
+        "SFT loss")
