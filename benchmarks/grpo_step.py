@@ -7,8 +7,10 @@
 8 prompts x G 8, SAT-sized images (448 x 896: 512 visual tokens), exactly 700 new tokens per
 completion (min_new_tokens holds EOS back: the worst case), beta 0.04, mu 1, LoRA r 64 / alpha
 128, the r1 prompt, random rewards; each variant in its own process (its peak is its own), a
-warm-up step not counted. `lora`, `lora+liger`, `qlora+liger`, `lora+liger+static` run the
-trainer's own step functions (train.load_model, generate, add_old_and_ref_logps, update);
+warm-up step not counted (its generation, the compile included, is reported apart). `lora`,
+`lora+liger`, `lora+liger-eager`, `qlora+liger` run the trainer's own step functions
+(train.load_model, make_decoder, generate, add_old_and_ref_logps, update), the decode step
+compiled where the trainer compiles it by default (CUDA; `-eager`: not);
 `trl-lora` runs the reference library's GRPOTrainer (TRL 1.16) on the same model folder, images,
 prompts and settings, with plain transformers generation (no vLLM), as a single-GPU user runs it.
 What each row reports, and how (the phase split, decode_ms_per_step against the bandwidth floor
@@ -18,6 +20,7 @@ speed on one GPU". Writes <gpu>.json and .md into --out (default benchmarks/resu
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import random
@@ -37,13 +40,14 @@ import demo  # noqa: E402
 import grpo  # noqa: E402
 import train  # noqa: E402
 from r1v import model as models  # noqa: E402
-from r1v import policy, processes, rows, synthetic, tiny  # noqa: E402
+from r1v import decode, policy, processes, rows, synthetic, tiny  # noqa: E402
 
 # Config overrides per variant; trl-lora uses the plain LoRA settings for what it shares with
 # ours (LoRA shape, learning rate) and is driven by run_trl.
+# The decode step is compiled where the trainer compiles it by default (CUDA); "-eager" not.
 VARIANTS = {"lora": dict(use_liger=False), "lora+liger": dict(use_liger=True),
-            "qlora+liger": dict(use_liger=True, load_in_4bit=True),
-            "lora+liger+static": dict(use_liger=True, static_cache=True), "trl-lora": dict()}
+            "lora+liger-eager": dict(use_liger=True, compile_decode=False),
+            "qlora+liger": dict(use_liger=True, load_in_4bit=True), "trl-lora": dict()}
 PHASES = ("generation", "logp", "update")
 # The r1 prompt through TRL: it takes multimodal prompts only as chat messages, so this template
 # renders the user's content as is (the image's tokens, then the text): data.PROMPT_TEMPLATE.
@@ -207,8 +211,11 @@ def run_ours(args, device, examples, settings):
     cfg = train.Config(model=args.model, num_generations=args.G, prompts_per_step=args.prompts,
                        micro_batch_size=args.micro_batch_size,
                        max_completion_length=args.completion_tokens, beta=0.04,
-                       learning_rate=1e-5, **VARIANTS[args.variant])
+                       learning_rate=1e-5, compile_backend=args.compile_backend,
+                       **VARIANTS[args.variant])
     cuda = device.type == "cuda"
+    if cfg.compile_decode is None:  # as train.train: on with CUDA (--cpu_compile: on the CPU)
+        cfg = dataclasses.replace(cfg, compile_decode=cuda or args.cpu_compile)
     model, processor = train.load_model(cfg, device), models.load_processor(cfg.model)
     params = [p for p in model.parameters() if p.requires_grad]
     weights = (torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in params)
@@ -224,10 +231,13 @@ def run_ours(args, device, examples, settings):
                                   lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: 1.0)
     meter = StepMeter(device, VisionCounter(model))
+    prompt = policy.encode_prompts(processor, examples, 1)["input_ids"].shape[1]
+    decoder = train.make_decoder(train.Run(*[None] * 6, longest_prompt=prompt), cfg, procs)
     records, memory = [], None
     for step in range(args.steps + 1):  # step 0 warms up (kernels, allocator), not counted
         meter.begin("generation")
-        rollout, texts = train.generate(model, processor, examples, gen_config, cfg, eos_ids)
+        rollout, texts = train.generate(model, processor, examples, gen_config, cfg, eos_ids,
+                                        decoder)
         meter.switch("logp")
         rollout.advantages = grpo.group_advantages(torch.randn(len(texts), device=device), args.G)
         train.add_old_and_ref_logps(model, rollout, cfg)
@@ -242,12 +252,16 @@ def run_ours(args, device, examples, settings):
                           lora_and_optimizer=(torch.cuda.memory_allocated() - weights) / 2**30)
         synchronize(device)
         start = time.perf_counter()
-        policy.generate(model, processor, examples, prefill_config, args.G)
+        policy.generate(model, processor, examples, prefill_config, args.G, decoder=decoder)
         synchronize(device)
         record["prefill_s"] = time.perf_counter() - start
         if step:
             records.append(record)
-    return summarize(args.variant, device, model, records, settings, memory)
+        else:
+            first_generation = record["phases"]["generation"]["s"]
+    return {**summarize(args.variant, device, model, records, settings, memory),
+            **(decoder.stats() if decoder else decode.NOT_COMPILED),
+            "compile_decode": bool(cfg.compile_decode), "first_generation_s": first_generation}
 
 
 def random_reward(completions, **kwargs):
@@ -373,14 +387,17 @@ def table(results):
     lines = ["| variant | peak allocated GiB | plan's estimate GiB | peak reserved GiB | step s "
              "| generation s "
              "| ref log-probs s | update s | tokens/s | decode ms/step | floor ms/step "
-             "| vision calls/step |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vision calls/step | decode compiles | graph breaks | first generation s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['variant']} | {num(r['peak_allocated_gib'], 1)} "
                      f"| {num(r.get('plan_peak_gib'), 1)} "
                      f"| {num(r['peak_reserved_gib'], 1)} | {r['step_time_s']:.1f} "
                      f"| {r['generation_s']:.1f} | {r['logp_s']:.1f} | {r['update_s']:.1f} "
                      f"| {r['tokens_per_s']:.0f} | {num(r['decode_ms_per_step'], 1)} "
-                     f"| {num(r['floor_ms_per_step'], 2)} | {r['vision_calls_per_step']:.0f} |")
+                     f"| {num(r['floor_ms_per_step'], 2)} | {r['vision_calls_per_step']:.0f} "
+                     f"| {r.get('decode_compiles', '-')} | {r.get('decode_graph_breaks', '-')} "
+                     f"| {num(r.get('first_generation_s'), 1)} |")
     return "\n".join(lines)
 
 
@@ -410,6 +427,12 @@ def build_parser():
     parser.add_argument("--plan_dir", default=None,
                         help="memory plans (train.py --plan_memory) of the same settings, "
                         "<variant>.json each: their estimate goes beside the measured peak")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend of the compiled decode step (the rehearsal on "
+                        "a CPU: eager)")
+    parser.add_argument("--cpu_compile", action="store_true",
+                        help="compile the decode step on a CPU too, where the trainer does not by "
+                        "default (the rehearsal of the compiled path)")
     parser.add_argument("--variant", choices=list(VARIANTS),
                         help="internal: run this one variant in this process and print its JSON "
                         "line (the script starts one such process per variant)")
@@ -438,14 +461,15 @@ def main():
                "--steps", str(args.steps), "--prompts", str(args.prompts), "--G", str(args.G),
                "--completion_tokens", str(args.completion_tokens),
                "--micro_batch_size", str(args.micro_batch_size),
-               "--image_side", str(args.image_side)]
+               "--image_side", str(args.image_side), "--compile_backend", args.compile_backend,
+               *(["--cpu_compile"] if args.cpu_compile else [])]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{variant}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
             failed.append(variant)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        plan = Path(args.plan_dir or "") / f"{variant.replace('+static', '')}.json"
+        plan = Path(args.plan_dir or "") / f"{variant}.json"
         results[-1]["plan_peak_gib"] = (json.loads(plan.read_text())["peak_gib"]
                                         if args.plan_dir and plan.is_file() else None)
         print(json.dumps(results[-1]), flush=True)

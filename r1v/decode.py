@@ -106,7 +106,7 @@ class Decoder:
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            mode = CUDA_MODE if self.base.device.type == "cuda" else None
+            mode = CUDA_MODE if self.base.device.type == "cuda" else "default"
             backend = functools.partial(compile_fx, config_patches=list_mode_options(mode))
         else:
             backend = torch._dynamo.lookup_backend(backend)

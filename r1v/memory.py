@@ -215,9 +215,11 @@ def report(planned, gpu_memory_gib=None, settings=None):
 
 def alternatives(planned, gpu_memory_gib, now, settings):
     """Settings that may lower the run's peak `now` (GiB), each planned and printed with its
-    saving: a smaller micro-batch, QLoRA, smaller images, smaller vocabulary and prefill chunks;
-    none that the run's `settings` already have."""
+    saving: a smaller micro-batch, QLoRA, an eager decode step (no static cache kept), smaller
+    images, smaller vocabulary and prefill chunks; none that the run's `settings` already
+    have."""
     options = [dict(micro_batch_size=2), dict(micro_batch_size=1), dict(load_in_4bit=True),
+               dict(compile_decode=False),  # the static cache then goes after generation
                dict(logp_chunk_size=256, prefill_chunk_size=128), dict(max_pixels=200704),
                dict(load_in_4bit=True, micro_batch_size=2, logp_chunk_size=256)]
     found = []

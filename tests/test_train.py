@@ -166,9 +166,9 @@ def test_held_out_rows_differ_from_training_rows(tmp_path):
             "--synthetic_image_size", "56",
         ]
     )
-    held_out = train.held_out_examples(cfg, data.View(), "choice")
+    held_out, prompt_rows = train.held_out_examples(cfg, data.View(), "choice")
     training = demo.synthetic_dataset(8, cfg.seed, tuple(cfg.synthetic_tasks), 56)
-    assert len(held_out) == 8
+    assert len(held_out) == 8 and len(prompt_rows) == 8  # each row's question and image tokens
     assert all(
         h["image"].tobytes() != training[i]["image"].tobytes() for i, h in enumerate(held_out)
     )
