@@ -529,3 +529,25 @@ def test_a_reward_that_raises_on_every_completion_of_the_first_step_stops_the_ru
                                "KeyError: 'solution'")
     on_error.check_first_step({"needs_solution": 2, "sometimes": 2}, 3)  # some scored: go on
 
+
+@pytest.mark.parametrize(
+    "response,choices,expected",
+    [
+        ("I would say a+b* here", ["a+b*", "a-b"], 0),
+        ("it is (x), clearly", ["(y)", "(x)"], 1),
+        ("written in C++ mostly", ["C", "C++"], 1),
+        ("written in C mostly", ["C++", "C"], 1),
+        ("the answer is C#.", ["C", "C#"], 1),
+        ("3.5 apples", ["3", "3.5"], 1),  # both start there: the longer is what it says
+        ("-2 degrees", ["2", "-2"], 1),
+        ("it is left.", ["left", "right"], 0),  # the plain cases as before
+        ("leftover food", ["left", "right"], None),  # an option inside a word is not named
+        ("the rightmost one is left", ["right", "left"], 1),
+        ("blue and red", ["red", "blue"], 1),  # the first found
+        ("a+b*c", ["a+b*", "q"], None),  # a+b* followed by a letter: not that option
+        ("xa+b*", ["a+b*", "q"], None),
+    ],
+)
+def test_lenient_parser_finds_options_that_start_or_end_with_punctuation(response, choices,
+                                                                        expected):
+    assert answers.parse_choice(response, choices, lettered=False, lenient=True) == expected
