@@ -78,6 +78,10 @@ def check_fields(fields, size=None):
         if fields["answer"] not in fields["choices"]:
             raise ValueError(f"the answer {fields['answer']!r} is not among the choices "
                              f"{list(fields['choices'])}")
+        twice = [c for i, c in enumerate(fields["choices"]) if c in fields["choices"][:i]]
+        if twice:  # the model could not say which of the two it means
+            raise ValueError(f"the choices hold {twice[0]!r} twice")
+        _check_answerable("answer", fields["answer"])
     elif task == "rec":
         if not _strings([fields["phrase"]], 1):
             raise ValueError("the phrase is empty or not a string")
@@ -86,6 +90,8 @@ def check_fields(fields, size=None):
         labels, boxes = fields["labels"], fields["boxes"]
         if not isinstance(labels, list) or not _strings(labels, 1):
             raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+        for label in labels:
+            _check_answerable("label", label)
         if not isinstance(boxes, list):
             raise ValueError(f"boxes must be a list, got {boxes!r}")
         for k, box in enumerate(boxes, 1):
@@ -94,6 +100,14 @@ def check_fields(fields, size=None):
                                  f"label from {labels}, got {box!r}")
             grounding.check_box(box.get("bbox_2d"), size, f"box {k}'s bbox_2d")
     return task
+
+
+def _check_answerable(what, text):
+    """Gold text a completion writes between <answer> and </answer>: the first </answer> ends
+    the answer read, so a gold holding a tag never scores (and SFT would train on it)."""
+    for tag in ("</answer>", "<answer>"):
+        if tag in text:
+            raise ValueError(f"the {what} {text!r} holds {tag}: no completion could answer it")
 
 
 def open_image(value):

@@ -236,3 +236,29 @@ def test_prompt_sampler_resumes_the_same_order_across_epochs():
         set(sum(first[:3], []))
     )  # no repeats within an epoch
     assert a.epoch == 1  # the 4th batch of 3 from 10 rows starts epoch 1
+
+
+GOOD = {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({**GOOD, "choices": ["x", "a</answer>"], "answer": "a</answer>"},
+         "the answer 'a</answer>' holds </answer>: no completion could answer it"),
+        ({**GOOD, "choices": ["<answer>x", "y"], "answer": "<answer>x"},
+         "the answer '<answer>x' holds <answer>: no completion could answer it"),
+        ({**GOOD, "choices": ["x", "y", "x"]}, r"the choices hold 'x' twice"),
+        ({"image": "a.png", "labels": ["cat</answer>"], "boxes": []},
+         "the label 'cat</answer>' holds </answer>"),
+    ],
+)
+def test_a_row_whose_gold_cannot_be_answered_is_refused(tmp_path, row, message):
+    """An answer holding </answer> never scores (SFT trains on a broken target); of two equal
+    choices, the model cannot say which it means."""
+    Image.new("RGB", (80, 60)).save(tmp_path / "a.png")
+    good = GOOD if "question" in row else {"image": "a.png", "labels": ["cat"], "boxes": []}
+    path = write_jsonl(tmp_path / "task.jsonl", [good, row])
+    with pytest.raises(ValueError, match="task.jsonl:2: " + message):
+        stored.check_rows(data.load_examples(str(path)))
+
