@@ -156,8 +156,8 @@ def score_completions(completions, examples, reward_funcs, weights, on_error=Non
 
 
 def own_copy(example):
-    """A copy of `example` down to its nested lists, for one reward call; the image, which no
-    reward edits in place and a copy would cost, is shared."""
+    """A copy of `example` down to its nested lists (boxes, choices), for one reward call; the
+    image is shared: copying its pixels for every call would cost more than the rewards."""
     image = example.get("image")
     return copy.deepcopy(example, {id(image): image})
 
