@@ -47,8 +47,9 @@ def extract_answer(completion):
 
 
 def accuracy_reward(completion, example):
-    """1.0 if the extracted answer equals the gold option text exactly (the paper's rule)."""
-    return 1.0 if extract_answer(completion) == example["answer"] else 0.0
+    """1.0 if the extracted answer equals the gold option text exactly (the paper's rule), both
+    stripped as R1-V does (a gold ' left' could never score)."""
+    return 1.0 if extract_answer(completion) == example["answer"].strip() else 0.0
 
 
 def iou_reward(completion, example):

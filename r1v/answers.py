@@ -61,7 +61,7 @@ def parse_choice(response, choices, lettered=True, lenient=False):
             return LETTERS.index(letter.group(1))
     # Not inside a word on either side; \b would ask a word character at the ends of `(x)` or
     # `C++` and never find them. Of options found at one place, the longest: `3.5`, not `3`.
-    hits = [(m.start(), -len(m.group()), i) for i, c in enumerate(choices)
+    hits = [(m.start(), -len(m.group()), i) for i, c in enumerate(choices) if _norm(c)
             for m in [re.search(r"(?<!\w)" + re.escape(_norm(c)) + r"(?!\w)", _norm(text))] if m]
     return min(hits)[2] if hits else None
 

@@ -546,8 +546,27 @@ def test_a_reward_that_raises_on_every_completion_of_the_first_step_stops_the_ru
         ("blue and red", ["red", "blue"], 1),  # the first found
         ("a+b*c", ["a+b*", "q"], None),  # a+b* followed by a letter: not that option
         ("xa+b*", ["a+b*", "q"], None),
+        ("it is, q", ["...", "q"], 1),  # an option with no text is found nowhere
     ],
 )
 def test_lenient_parser_finds_options_that_start_or_end_with_punctuation(response, choices,
                                                                         expected):
     assert answers.parse_choice(response, choices, lettered=False, lenient=True) == expected
+
+
+@pytest.mark.parametrize("statement", ["import sys\nsys.exit(0)", "raise SystemExit(3)",
+                                       "raise BaseException('odd')"])
+def test_a_reward_file_that_exits_when_imported_is_one_line(tmp_path, statement):
+    """Found probing item 2 once more: sys.exit() at a reward file's top level ended the
+    command with status 0 and no word, before any check."""
+    path = tmp_path / "mine.py"
+    path.write_text(f"{statement}\n\n\ndef mine(completion, example):\n    return 1.0\n")
+    with pytest.raises(ValueError, match=rf"--reward_funcs '{path}:mine': {path}:\d+: \w+"):
+        rewards.load_rewards([f"{path}:mine"])
+
+
+@pytest.mark.parametrize("gold", [" left", "left ", "\tleft\n"])
+def test_a_gold_answer_with_spaces_around_it_can_score(gold):
+    """Found probing item 5 once more: the answer read is stripped, so a gold with a space
+    around it never scored; R1-V strips the gold too."""
+    assert rewards.accuracy_reward("</think><answer> left </answer>", {**EX, "answer": gold}) == 1
