@@ -2,8 +2,9 @@
 Qwen2-VL (a Qwen2.5-VL for the synthetic grounding tasks, r1v/tiny.py) warmed up on the answer
 format.
 
-`warm_up_format` teaches it the answer FORMAT with uniformly random answers (never the gold one),
-so a freshly built demo model writes `</think> <answer> X </answer>` but sits at chance: any
+`warm_up_format` teaches it the answer FORMAT with uniformly random answers, drawn without looking
+at the gold (never drawing the gold would teach it to avoid the right one: 0.02 at the start), so
+a freshly built demo model writes `</think> <answer> X </answer>` but sits at chance: any
 rise in accuracy (or IoU) during the demo comes from the GRPO updates.
 """
 

@@ -16,10 +16,14 @@ Adding a reward is a function and a line:
     REWARDS["short"] = short_reward      # then: --reward_funcs format accuracy short
 
 or, without touching this file: `--reward_funcs format accuracy path/to/my_rewards.py:short_reward`.
-A reward that raises scores 0.0 for that completion and is counted in `rewards/<name>/errors`;
-the first exception of each reward is shown once.
+A reward gets its own copy of the example: what it changes there, no other call sees. Whatever
+it raises (SystemExit too; only Ctrl-C stops the run) scores 0.0 for that completion and is
+counted in `rewards/<name>/errors`; the first exception of each reward is shown once, and a
+reward that raises on every completion of the run's first step stops it.
 """
 
+import copy
+import inspect
 import math
 import re
 
@@ -43,8 +47,9 @@ def extract_answer(completion):
 
 
 def accuracy_reward(completion, example):
-    """1.0 if the extracted answer equals the gold option text exactly (the paper's rule)."""
-    return 1.0 if extract_answer(completion) == example["answer"] else 0.0
+    """1.0 if the extracted answer equals the gold option text exactly (the paper's rule), both
+    stripped as R1-V does (a gold ' left' could never score)."""
+    return 1.0 if extract_answer(completion) == example["answer"].strip() else 0.0
 
 
 def iou_reward(completion, example):
@@ -93,7 +98,17 @@ def load_reward(spec):
     if ":" not in spec:
         raise UserError(f"--reward_funcs: unknown reward {spec!r}; known: {sorted(REWARDS)}, "
                         "or give path/to/file.py:function")
-    return cli.import_function(spec, "--reward_funcs")
+    name, func = cli.import_function(spec, "--reward_funcs")
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # a builtin that does not say: it is tried on the first step
+        return name, func
+    try:
+        signature.bind("completion", {})
+    except TypeError:  # every call would raise: hours of training on zeros
+        raise UserError(f"--reward_funcs {spec!r}: {name}{signature} does not take the expected "
+                        "(completion, example) -> float") from None
+    return name, func
 
 
 def load_rewards(specs, weights=None):
@@ -125,10 +140,12 @@ def score_completions(completions, examples, reward_funcs, weights, on_error=Non
     for completion, example in zip(completions, examples):
         for name, func in reward_funcs.items():
             try:
-                value = float(func(completion, example))
+                value = float(func(completion, own_copy(example)))
                 if not math.isfinite(value):
                     raise ValueError(f"non-finite reward {value}")
-            except Exception as e:
+            except KeyboardInterrupt:  # Ctrl-C is the user's, not the reward's
+                raise
+            except BaseException as e:  # sys.exit() in a reward would end the run as a success
                 value = 0.0
                 errors[name] += 1
                 if on_error is not None:
@@ -137,3 +154,31 @@ def score_completions(completions, examples, reward_funcs, weights, on_error=Non
     total = [sum(weights[name] * parts[name][i] for name in reward_funcs)
              for i in range(len(completions))]
     return total, parts, errors
+
+
+def own_copy(example):
+    """A copy of `example` down to its nested lists (boxes, choices), for one reward call; the
+    image is shared: copying its pixels for every call would cost more than the rewards."""
+    image = example.get("image")
+    return copy.deepcopy(example, {id(image): image})
+
+
+class FirstErrors:
+    """score_completions' `on_error`: passes each error to `report(name, error)` and keeps each
+    reward's first, to stop a run whose reward raised on every completion of its first step."""
+
+    def __init__(self, report):
+        self.report, self.first = report, {}
+
+    def __call__(self, name, error):
+        self.first.setdefault(name, error)
+        self.report(name, error)
+
+    def check_first_step(self, errors, calls):
+        """`errors` {name: calls that raised} of the first step's `calls` completions."""
+        for name, count in errors.items():
+            if calls and count == calls:
+                error = self.first.get(name)
+                raise UserError(f"reward {name!r} raised on all {calls} completions of the first "
+                                f"step, so it would only ever score 0; its first error: "
+                                f"{type(error).__name__}: {error}")

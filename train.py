@@ -441,6 +441,7 @@ def train(cfg):
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             prefill_chunk_size=cfg.prefill_chunk_size)
         report, row, saved, stopping = metrics.report_once(), {}, None, False
+        on_reward_error = rewards.FirstErrors(metrics.on_reward_error(report))
         for step in tqdm(range(run.start_step + 1, run.max_steps + 1), initial=run.start_step,
                          total=run.max_steps, desc=cfg.objective.upper(), dynamic_ncols=True,
                          disable=not procs.main):
@@ -458,9 +459,11 @@ def train(cfg):
                                               cfg, run.eos_ids, run.decoder)
                 # 3. score them with the rewards; the metrics see every process's
                 scored = score(texts, examples, rollout, run.eos_ids, run.reward_funcs,
-                               run.weights, cfg.num_generations, metrics.on_reward_error(report))
+                               run.weights, cfg.num_generations, on_reward_error)
                 scored = scored.gathered(procs)
                 run.counters["reward_errors"] += sum(scored.errors.values())
+                if step == run.start_step + 1:  # a reward that always raises trains on zeros
+                    on_reward_error.check_first_step(scored.errors, len(scored.texts))
                 # 4. advantages within each group (detail 1), this process's share of them
                 advantages = grpo.group_advantages(torch.tensor(scored.total, device=procs.device),
                                                    cfg.num_generations, cfg.scale_rewards)

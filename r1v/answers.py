@@ -59,9 +59,11 @@ def parse_choice(response, choices, lettered=True, lenient=False):
         letter = re.search(r"\(([A-H])\)", text)
         if letter and LETTERS.index(letter.group(1)) < len(choices):
             return LETTERS.index(letter.group(1))
-    hits = [(m.start(), i) for i, c in enumerate(choices)
-            for m in [re.search(r"\b" + re.escape(_norm(c)) + r"\b", _norm(text))] if m]
-    return min(hits)[1] if hits else None
+    # Not inside a word on either side; \b would ask a word character at the ends of `(x)` or
+    # `C++` and never find them. Of options found at one place, the longest: `3.5`, not `3`.
+    hits = [(m.start(), -len(m.group()), i) for i, c in enumerate(choices) if _norm(c)
+            for m in [re.search(r"(?<!\w)" + re.escape(_norm(c)) + r"(?!\w)", _norm(text))] if m]
+    return min(hits)[2] if hits else None
 
 
 def parse_box(text):

@@ -143,7 +143,9 @@ def import_function(spec, flag):
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # sys.exit() there would end the command with no word
         line = getattr(e, "lineno", None) or traceback.extract_tb(e.__traceback__)[-1].lineno
         raise UserError(f"{flag} {spec!r}: {path}:{line}: {type(e).__name__}: {e}") from e
     func = getattr(module, name, None)

@@ -236,3 +236,84 @@ def test_prompt_sampler_resumes_the_same_order_across_epochs():
         set(sum(first[:3], []))
     )  # no repeats within an epoch
     assert a.epoch == 1  # the 4th batch of 3 from 10 rows starts epoch 1
+
+
+GOOD = {"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({**GOOD, "choices": ["x", "a</answer>"], "answer": "a</answer>"},
+         "the answer 'a</answer>' holds </answer>: no completion could answer it"),
+        ({**GOOD, "choices": ["<answer>x", "y"], "answer": "<answer>x"},
+         "the answer '<answer>x' holds <answer>: no completion could answer it"),
+        ({**GOOD, "choices": ["x", "y", "x"]}, r"the choices hold 'x' twice"),
+        ({"image": "a.png", "labels": ["cat</answer>"], "boxes": []},
+         "the label 'cat</answer>' holds </answer>"),
+    ],
+)
+def test_a_row_whose_gold_cannot_be_answered_is_refused(tmp_path, row, message):
+    """An answer holding </answer> never scores (SFT trains on a broken target); of two equal
+    choices, the model cannot say which it means."""
+    Image.new("RGB", (80, 60)).save(tmp_path / "a.png")
+    good = GOOD if "question" in row else {"image": "a.png", "labels": ["cat"], "boxes": []}
+    path = write_jsonl(tmp_path / "task.jsonl", [good, row])
+    with pytest.raises(ValueError, match="task.jsonl:2: " + message):
+        stored.check_rows(data.load_examples(str(path)))
+
+
+@pytest.mark.parametrize(
+    "line,key",
+    [
+        ('{"image": "a.png", "question": "q", "choices": ["x", "y"], "answer": "x", '
+         '"answer": "y"}', "answer"),
+        ('{"image": "a.png", "labels": ["cat"], "boxes": [{"bbox_2d": [1, 1, 9, 9], '
+         '"label": "cat", "label": "dog"}]}', "label"),
+    ],
+)
+def test_a_row_with_a_key_twice_is_refused(tmp_path, line, key):
+    """json.loads keeps the last of two equal keys: which one the user meant is a guess."""
+    path = tmp_path / "task.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"task.jsonl:1: the key '{key}' appears twice"):
+        data.load_examples(str(path))
+
+
+def test_jsonl_rows_are_read_from_the_file_when_used(tmp_path):
+    """A file of 200,000 rows held as dicts took 2.8 GB: the rows stay in the file, each read
+    again (and parsed) when used, under 1 KB a row held; one edited since is not used."""
+    import tracemalloc
+
+    Image.new("RGB", (80, 60)).save(tmp_path / "a.png")
+    rows = [{**GOOD, "question": f"Which letter is row {i} about, x or y?"} for i in range(4000)]
+    path = write_jsonl(tmp_path / "task.jsonl", rows)
+    tracemalloc.start()
+    ds = data.load_examples(str(path), limit=0)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(ds) == 4000 and held < 100 * len(ds)
+    assert ds[3999]["question"].startswith("Answer in natural language. Which letter is row 3999")
+    text = path.read_text()
+    path.write_text(text.replace("row 7 about", "row 8 about"))  # the same length
+    with pytest.raises(ValueError, match="task.jsonl:8: the row changed since"):
+        ds[7]
+    assert "row 8 about" in ds[8]["question"]  # the rows around it are read as before
+
+
+def test_prompt_lengths_are_counted_exactly_in_parts(tiny_model_dir):
+    """200,000 prompts tokenized at once held 2.4 GB of ids: a part at a time, the fast
+    tokenizer's own counts; the same lengths, the row named past the first part."""
+    from r1v import model
+
+    tokenizer = model.load_processor(tiny_model_dir).tokenizer
+    view = data.View()
+    questions = [data.question_text("What color is it?", ["red", "blue"])] * 1500
+    questions[1200] = data.question_text("What color is the big shape on the left?",
+                                         ["red", "blue"])
+    visual = [(q, 7) for q in questions]
+    longest = len(tokenizer(view.prompt(questions[1200]))["input_ids"]) - 1 + 7
+    stored.check_prompt_lengths(tokenizer, visual, "task", view, longest)
+    with pytest.raises(ValueError, match=f"task: row 1201's prompt is {longest} tokens, over "
+                       f"--max_prompt_length {longest - 1}"):
+        stored.check_prompt_lengths(tokenizer, visual, "task", view, longest - 1)

@@ -81,6 +81,19 @@ def test_synthetic_rejects_unknown_tasks():
         demo.synthetic_dataset(4, tasks=("colour_of_sky",))
 
 
+def test_the_warm_up_answers_any_option_as_the_text_says():
+    """Never the gold, the warm-up taught the model to avoid the right colour: its greedy
+    accuracy started at 0.02, not chance (0.25). The gold is drawn as often as any option."""
+    import random
+
+    rng, example = random.Random(0), {"task_type": "choice", "choices": list("abcd"),
+                                      "answer": "c"}
+    drawn = [demo.random_answer(rng, example, []) for _ in range(4000)]
+    assert all(900 < drawn.count(c) < 1100 for c in "abcd")
+    said = " ".join(((ROOT / "README.md").read_text() + demo.__doc__).split())
+    assert "never the gold" not in said and "drawn without looking at the gold" in said
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")

@@ -412,3 +412,161 @@ def test_grounding_rewards_are_registered_and_scored():
     # pycocotools divides by tp + fp + eps, so a perfect AP is 1 - 2e-16.
     assert parts["detection"] == pytest.approx([0.0, 1.0, 0.0])
     assert total == pytest.approx([1.0, 2.0, 0.0])
+
+
+def test_a_reward_that_edits_its_example_changes_no_other_rewards_gold(tmp_path):
+    """The G completions of a prompt share its example: a reward that edits it (its nested
+    lists too) would change what the rewards after it, and the next completions, score
+    against, and the gold logged in samples.jsonl."""
+    path = tmp_path / "vandal.py"
+    path.write_text("def vandal(completion, example):\n"
+                    "    example['answer'] = 'right'\n"
+                    "    example['choices'].append('up')\n"
+                    "    example['box'][0] = 99.0\n"
+                    "    example['boxes'][0]['label'] = 'dog'\n"
+                    "    return 0.0\n")
+    funcs, weights = rewards.load_rewards([f"{path}:vandal", "accuracy", "iou", "detection"])
+    example = {**EX, "box": [0.0, 0.0, 10.0, 10.0],
+               "boxes": [{"bbox_2d": [0.0, 0.0, 10.0, 10.0], "label": "cat"}]}
+    before = json.dumps(example)
+    texts = ["<answer>left</answer>", "<answer>[0, 0, 10, 10]</answer>",
+             '<answer>[{"bbox_2d": [0, 0, 10, 10], "label": "cat"}]</answer>']
+    _, parts, errors = rewards.score_completions(texts, [example] * 3, funcs, weights)
+    assert json.dumps(example) == before and sum(errors.values()) == 0
+    assert parts["accuracy"] == [1.0, 0.0, 0.0]
+    assert parts["iou"] == [0.0, 1.0, 1.0]
+    assert parts["detection"] == pytest.approx([0.0, 0.0, 1.0])
+
+
+class Escape(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("error", [SystemExit(0), SystemExit(3), Escape("out"), GeneratorExit()])
+def test_any_exception_a_reward_raises_is_its_error(error):
+    """sys.exit() in a reward ended the run at step 1 with status 0: whatever a reward raises
+    scores 0 and is counted; only Ctrl-C stops the run."""
+    def leaving(completion, example):
+        raise error
+
+    seen = []
+    total, parts, errors = rewards.score_completions(
+        ["<answer>left</answer>"] * 2, [EX] * 2, {"leaving": leaving, "accuracy":
+                                                  rewards.accuracy_reward},
+        {"leaving": 1.0, "accuracy": 1.0}, lambda name, e: seen.append((name, e)))
+    assert total == [1.0, 1.0] and errors == {"leaving": 2, "accuracy": 0}
+    assert seen == [("leaving", error)] * 2
+
+
+def test_ctrl_c_in_a_reward_stops_the_run():
+    def interrupted(completion, example):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rewards.score_completions(["x"], [EX], {"i": interrupted}, {"i": 1.0})
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def wrong(completion):\n    return 1.0\n",
+        "def wrong(completion, example, prompt):\n    return 1.0\n",
+        "def wrong(*, completion, example):\n    return 1.0\n",
+        "def wrong():\n    return 1.0\n",
+        "class Wrong:\n    def __call__(self, completions):\n        return 1.0\nwrong = Wrong()\n",
+    ],
+)
+def test_a_reward_of_the_wrong_signature_is_refused_when_loaded(tmp_path, source):
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    with pytest.raises(ValueError) as info:
+        rewards.load_rewards(["format", f"{path}:wrong"])
+    assert str(info.value).startswith(f"--reward_funcs '{path}:wrong': ")
+    assert "(completion, example) -> float" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "def right(completion, example):\n    return 1.0\n",
+        "def right(c, e, scale=1.0):\n    return scale\n",
+        "def right(*args, **kwargs):\n    return 1.0\n",
+        "right = lambda completion, example: 1.0\n",
+        "import functools\ndef f(completion, example, k):\n    return k\n"
+        "right = functools.partial(f, k=1.0)\n",
+        "class Right:\n    def __call__(self, completion, example):\n        return 1.0\n"
+        "right = Right()\n",
+    ],
+)
+def test_a_reward_of_a_fitting_signature_is_loaded(tmp_path, source):
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    funcs, _ = rewards.load_rewards([f"{path}:right"])
+    assert funcs["right"]("x", EX) == 1.0
+
+
+def test_a_reward_that_raises_on_every_completion_of_the_first_step_stops_the_run():
+    """A reward that always raises (a field the rows lack) would train on zeros for hours."""
+    def needs_solution(completion, example):
+        return float(example["solution"] == completion)
+
+    def sometimes(completion, example):
+        if completion == "a":
+            raise ValueError("not a")
+        return 1.0
+
+    reported = []
+    on_error = rewards.FirstErrors(lambda name, e: reported.append(name))
+    funcs = {"needs_solution": needs_solution, "sometimes": sometimes}
+    _, _, errors = rewards.score_completions(["a", "b", "a"], [EX] * 3, funcs,
+                                             dict.fromkeys(funcs, 1.0), on_error)
+    assert reported == ["needs_solution", "sometimes", "needs_solution", "needs_solution",
+                        "sometimes"]
+    with pytest.raises(ValueError) as info:
+        on_error.check_first_step(errors, 3)
+    assert str(info.value) == ("reward 'needs_solution' raised on all 3 completions of the first "
+                               "step, so it would only ever score 0; its first error: "
+                               "KeyError: 'solution'")
+    on_error.check_first_step({"needs_solution": 2, "sometimes": 2}, 3)  # some scored: go on
+
+
+@pytest.mark.parametrize(
+    "response,choices,expected",
+    [
+        ("I would say a+b* here", ["a+b*", "a-b"], 0),
+        ("it is (x), clearly", ["(y)", "(x)"], 1),
+        ("written in C++ mostly", ["C", "C++"], 1),
+        ("written in C mostly", ["C++", "C"], 1),
+        ("the answer is C#.", ["C", "C#"], 1),
+        ("3.5 apples", ["3", "3.5"], 1),  # both start there: the longer is what it says
+        ("-2 degrees", ["2", "-2"], 1),
+        ("it is left.", ["left", "right"], 0),  # the plain cases as before
+        ("leftover food", ["left", "right"], None),  # an option inside a word is not named
+        ("the rightmost one is left", ["right", "left"], 1),
+        ("blue and red", ["red", "blue"], 1),  # the first found
+        ("a+b*c", ["a+b*", "q"], None),  # a+b* followed by a letter: not that option
+        ("xa+b*", ["a+b*", "q"], None),
+        ("it is, q", ["...", "q"], 1),  # an option with no text is found nowhere
+    ],
+)
+def test_lenient_parser_finds_options_that_start_or_end_with_punctuation(response, choices,
+                                                                        expected):
+    assert answers.parse_choice(response, choices, lettered=False, lenient=True) == expected
+
+
+@pytest.mark.parametrize("statement", ["import sys\nsys.exit(0)", "raise SystemExit(3)",
+                                       "raise BaseException('odd')"])
+def test_a_reward_file_that_exits_when_imported_is_one_line(tmp_path, statement):
+    """Found probing item 2 once more: sys.exit() at a reward file's top level ended the
+    command with status 0 and no word, before any check."""
+    path = tmp_path / "mine.py"
+    path.write_text(f"{statement}\n\n\ndef mine(completion, example):\n    return 1.0\n")
+    with pytest.raises(ValueError, match=rf"--reward_funcs '{path}:mine': {path}:\d+: \w+"):
+        rewards.load_rewards([f"{path}:mine"])
+
+
+@pytest.mark.parametrize("gold", [" left", "left ", "\tleft\n"])
+def test_a_gold_answer_with_spaces_around_it_can_score(gold):
+    """Found probing item 5 once more: the answer read is stripped, so a gold with a space
+    around it never scored; R1-V strips the gold too."""
+    assert rewards.accuracy_reward("</think><answer> left </answer>", {**EX, "answer": gold}) == 1

@@ -99,8 +99,12 @@ def test_a_row_that_breaks_mid_run_is_skipped_and_counted(
 
 
 def test_a_raising_reward_is_shown_once_and_counted(tmp_path, tiny_model_dir, capsys):
+    """Its first call scores, its second calls sys.exit() (which ended the run at step 1 with
+    status 0), the rest divide by zero: all of it is the reward's error; the run goes on."""
     reward = tmp_path / "mine.py"
-    reward.write_text("def broken(completion, example):\n    return 1 / 0\n")
+    reward.write_text("import sys\ncalls = []\n\n\ndef broken(completion, example):\n"
+                      "    calls.append(1)\n    if len(calls) == 2:\n        sys.exit(0)\n"
+                      "    return 1.0 if len(calls) == 1 else 1 / 0\n")
     out = tmp_path / "run"
     train.train(
         train.parse_config(
@@ -108,9 +112,25 @@ def test_a_raising_reward_is_shown_once_and_counted(tmp_path, tiny_model_dir, ca
         )
     )
     printed = capsys.readouterr().out
-    assert printed.count("reward 'broken' raised") == 1 and "ZeroDivisionError" in printed
+    assert printed.count("reward 'broken' raised") == 1 and "SystemExit" in printed
+    assert "done: 2 steps" in printed and (out / "checkpoint-2").is_dir()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["rewards/broken/errors"] for r in rows] == [4, 4]
+    assert [r["rewards/broken/errors"] for r in rows] == [3, 4]
+
+
+def test_a_reward_that_raises_on_every_completion_of_the_first_step_stops_it(tmp_path,
+                                                                            tiny_model_dir):
+    reward = tmp_path / "mine.py"
+    reward.write_text("def needs_solution(completion, example):\n"
+                      "    return float(example['solution'] in completion)\n")
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        train.train(train.parse_config(
+            args(tiny_model_dir, out, "--reward_funcs", "format", f"{reward}:needs_solution")))
+    assert str(info.value) == ("reward 'needs_solution' raised on all 4 completions of the first "
+                               "step, so it would only ever score 0; its first error: "
+                               "KeyError: 'solution'")
+    assert not (out / "metrics.jsonl").exists()  # the same command runs again once it is fixed
 
 
 def test_eval_scores_a_jsonl_task_and_refuses_other_settings_predictions(tmp_path, tiny_model_dir):
