@@ -177,6 +177,7 @@ def evaluate(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.compile_decode is None:  # on where it pays: CUDA graphs
         cfg.compile_decode = device.type == "cuda"
+    decode.check_backend(cfg.compile_decode, cfg.compile_backend, device)
     try:
         cfg.adapter and runs.check_adapter(cfg.adapter)
     except ValueError as e:  # before any model loads

@@ -426,6 +426,7 @@ def train(cfg):
         cfg = dataclasses.replace(cfg, use_liger=procs.device.type == "cuda")
     if cfg.compile_decode is None:  # on where it pays: CUDA graphs
         cfg = dataclasses.replace(cfg, compile_decode=procs.device.type == "cuda")
+    decode.check_backend(cfg.compile_decode, cfg.compile_backend, procs.device)
     if cfg.cpu_threads and procs.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
     with contextlib.ExitStack() as cleanup:

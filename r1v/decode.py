@@ -14,12 +14,20 @@ import functools
 import torch
 from tqdm import tqdm
 
+from r1v.cli import UserError
 from r1v.model import base_of
 
 # On CUDA, inductor's "reduce-overhead": the compiled step is captured as a CUDA graph and
 # replayed, one launch a step instead of thousands (REFERENCE 10).
 CUDA_MODE = "reduce-overhead"
 NOT_COMPILED = {"decode_compiles": 0, "decode_graph_breaks": 0}  # what a run without it logs
+
+
+def check_backend(compile, backend, device):
+    """A backend that cannot run on `device` is a one-line error before any model loads."""
+    if compile and backend == "cudagraphs" and device.type != "cuda":
+        raise UserError("--compile_backend cudagraphs needs a CUDA GPU; on a CPU use inductor, "
+                        "aot_eager or eager")
 
 
 def graph_breaks():
@@ -80,7 +88,7 @@ class Decoder:
     def stats(self):
         """What metrics.jsonl logs every step."""
         return {"decode_compiles": self.compiles,
-                "decode_graph_breaks": graph_breaks() - self._breaks if self.compiled else 0}
+                "decode_graph_breaks": graph_breaks() - self._breaks if self.compiles else 0}
 
     # --- compiling --------------------------------------------------------------------------
 
@@ -90,11 +98,25 @@ class Decoder:
 
         @functools.wraps(eager)  # generate() reads the forward's signature
         def forward(*args, **kwargs):
-            decoding = (kwargs.get("past_key_values") is self.cache and self.cache is not None
-                        and kwargs["input_ids"].shape[1] == 1
+            decoding = (self.compiled and kwargs.get("past_key_values") is self.cache
+                        and self.cache is not None and kwargs["input_ids"].shape[1] == 1
                         and kwargs.get("mm_encoder_outputs") is None
                         and kwargs.get("pixel_values") is None)
-            return (compiled if decoding else eager)(*args, **kwargs)
+            if not decoding:
+                return eager(*args, **kwargs)
+            if self.compiles:
+                return compiled(*args, **kwargs)
+            try:  # the first call compiles: a compiler that fails leaves the run eager, said
+                return compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any compiler error (no C++ compiler...)
+                if self.compiles:  # compiled, then failed running: the model's own error
+                    raise
+                self.compiled = False
+                e = getattr(e, "inner_exception", None) or e  # dynamo's wrapper: the cause
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                tqdm.write(f"warning: the decode step could not be compiled ({type(e).__name__}: "
+                           f"{first}); it runs eagerly (--no-compile_decode: no attempt)")
+                return eager(*args, **kwargs)
         self.base.forward = forward
         self._code = getattr(eager, "__func__", eager).__code__
 
@@ -114,11 +136,12 @@ class Decoder:
         def count(graph, example_inputs):
             frame = torch._guards.CompileContext.current_compile_id().frame_id
             self._frame = frame if self._frame is None else self._frame
-            if frame == self._frame:
+            compiled = backend(graph, example_inputs)
+            if frame == self._frame:  # counted once compiled
                 self.compiles += 1
                 if self.compiles > 1:
                     self._warn_recompile()
-            return backend(graph, example_inputs)
+            return compiled
         return count
 
     def _warn_recompile(self):

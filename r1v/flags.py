@@ -35,10 +35,10 @@ class ModelFlags:
 class DecodeFlags:
     """How generation decodes (r1v/decode.py), in train.py and eval.py."""
     compile_decode: bool | None = flag(
-        None, "compile the decode step once per run on a static KV cache sized from the rows "
-        "(on CUDA a CUDA graph: the first step compiles, a minute or more); with --load_in_4bit "
-        "the decode step runs eagerly (bitsandbytes' 4-bit layers break the graph)",
-        default_help="on with CUDA, off on CPU")
+        None, "compile the decode step once per run on a static KV cache of the run's shape "
+        "(N sequences x the longest prompt + the completion, kept through the step; on CUDA one "
+        "CUDA graph: the first step compiles, a minute or more); a compiler that fails leaves "
+        "it eager, with a warning", default_help="on with CUDA, off on CPU")
     compile_backend: str = flag("inductor", "torch.compile backend of the decode step (eager, "
                                 "aot_eager: checks on CPU in seconds, no speed-up)",
                                 choices=("inductor", "cudagraphs", "aot_eager", "eager"))

@@ -3,6 +3,7 @@ backend: dynamo's graphs and guards as inductor sees them, without its minutes o
 equal to eager generation; the compile and graph-break counters in metrics.jsonl."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import train
 from r1v import decode, policy
 from r1v import model as models
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(56, 56), (84, 56), (112, 84), (140, 112)]  # four prompt lengths: 4, 6, 12, 20 tokens
 
 
@@ -158,3 +160,33 @@ def test_eval_predictions_are_the_same_compiled_or_not(tiny_model_dir, tmp_path)
         return [json.loads(line)["response"] for line in (folder / "predictions.jsonl").open()]
     assert responses(tmp_path / "eager") == responses(tmp_path / "compiled")
     assert len(set(responses(tmp_path / "eager"))) > 1
+
+
+def test_a_compiler_that_fails_leaves_the_decode_eager_and_says_so(tiny_model_dir, capsys):
+    model, processor = lora_model(tiny_model_dir)
+    gen = policy.generation_config(processor, max_new_tokens=6, greedy=True)
+    examples = examples_of_sizes(SIZES[:2])
+    eager, _ = policy.generate(model, processor, examples, gen, 2)
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found\nmore lines")
+    decoder = decode.Decoder(model, 4, 200, compile=True, backend=broken)
+    for _ in range(2):
+        again, _ = policy.generate(model, processor, examples, gen, 2, decoder=decoder)
+        assert torch.equal(again.completion_ids, eager.completion_ids)
+    out = capsys.readouterr().out
+    assert out.count("could not be compiled") == 1 and "no C++ compiler found" in out
+    assert decoder.stats() == {"decode_compiles": 0, "decode_graph_breaks": 0}
+
+
+def test_cudagraphs_on_a_cpu_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "train.py", "--demo", "--compile_decode",
+                           "--compile_backend", "cudagraphs", "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: --compile_backend cudagraphs needs a CUDA GPU; on a CPU use inductor, aot_eager "
+        "or eager"]
+    assert not (tmp_path / "o").exists()

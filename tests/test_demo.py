@@ -103,7 +103,7 @@ def demo_run(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return rows, result
+    return rows, result, out
 
 
 def accuracy(rows):
@@ -113,7 +113,7 @@ def accuracy(rows):
 @pytest.mark.slow
 def test_demo_starts_at_chance_and_says_what_it_does(demo_run):
     """How long it takes is the machine's (README "The demo"); what it prints is the demo's."""
-    rows, result = demo_run
+    rows, result, _ = demo_run
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert "demo: format warm-up" in result.stderr  # the warm-up's own bar, then GRPO's
     steps = [line for line in result.stdout.splitlines() if line.startswith("step ")]
@@ -126,5 +126,27 @@ def test_demo_starts_at_chance_and_says_what_it_does(demo_run):
 
 @pytest.mark.slow
 def test_demo_accuracy_rises_from_chance_to_085(demo_run):
-    rows, _ = demo_run
+    rows, _, _ = demo_run
     assert accuracy(rows[-10:]) >= 0.85, f"last 10 steps: {accuracy(rows[-10:]):.3f}"
+
+
+@pytest.mark.slow
+def test_the_demos_adapter_evaluates_the_same_with_the_compiled_decode(demo_run, tmp_path):
+    """eval.py on the trained adapter, its decode step compiled (torch's eager backend on CPU)
+    or not: the same greedy predictions, a last batch filled up included."""
+    import eval as evaluation
+
+    _, _, out = demo_run
+    common = ["--model", str(out / "demo-base"), "--adapter", str(out / "checkpoint-200"),
+              "--dataset", "synthetic", "--synthetic_tasks", "background",
+              "--synthetic_image_size", "56", "--limit", "21", "--batch_size", "8",
+              "--max_new_tokens", "8"]
+    summaries = [evaluation.main(common + ["--output_dir", str(tmp_path / name), *flags])
+                 for name, flags in (("eager", []), ("compiled", ["--compile_decode",
+                                                                   "--compile_backend", "eager"]))]
+    assert summaries[0] == summaries[1] and summaries[0]["strict"]["micro"] > 50  # chance: 25
+
+    def responses(name):
+        return [json.loads(line)["response"]
+                for line in (tmp_path / name / "predictions.jsonl").open()]
+    assert responses("eager") == responses("compiled")
