@@ -72,9 +72,10 @@ class Decoder:
         if self.cache is None or batch_size != self.batch_size or length > self.cache_length:
             if self.cache is not None:  # the old one goes before the new one is made
                 self.cache = None
-                tqdm.write(f"warning: the decode step's cache grows to {batch_size} sequences x "
-                           f"{max(length, self.cache_length)} tokens (it was sized from the "
-                           "rows at the start)")
+                tqdm.write(f"warning: the decode step's cache is made again for {batch_size} "
+                           f"sequences x {max(length, self.cache_length)} tokens (it held "
+                           f"{self.batch_size} x {self.cache_length}, sized from the rows at "
+                           "the start)")
             self.batch_size, self.cache_length = batch_size, max(length, self.cache_length)
             text = self.base.config.get_text_config()
             self.cache = StaticCache(config=text, max_cache_len=self.cache_length)

@@ -158,8 +158,10 @@ def adapter_dtype(model, dtype, copies=None):
     for p, data in kept:
         if copies is None:
             p.data = data.to(dtype)
-        else:
-            p.data = copies.setdefault(p, torch.empty_like(data, dtype=dtype)).copy_(data)
+            continue
+        if p not in copies:
+            copies[p] = torch.empty_like(data, dtype=dtype)
+        p.data = copies[p].copy_(data)
     try:
         yield
     finally:

@@ -76,7 +76,7 @@ def test_a_batch_the_cache_cannot_hold_recompiles_with_a_warning(tiny_model_dir,
     policy.generate(model, processor, examples_of_sizes(SIZES[:2]), gen, 2, decoder=decoder)
     out = capsys.readouterr().out
     assert decoder.stats()["decode_compiles"] == 2
-    assert "cache grows to 4 sequences" in out and "compiled again (compile 2)" in out
+    assert "cache is made again for 4 sequences" in out and "compiled again (compile 2)" in out
 
 
 def test_the_compiled_decode_leaves_training_passes_eager(tiny_model_dir):
