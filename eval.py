@@ -83,7 +83,7 @@ def predict(model, processor, items, batch_size, max_new_tokens, eos_ids=None, d
     gen = policy.generation_config(processor, eos_ids, max_new_tokens=max_new_tokens, greedy=True)
     for start in range(0, len(items), batch_size):
         batch = [items[i] for i in range(start, min(start + batch_size, len(items)))]
-        filled = batch + batch[-1:] * (batch_size - len(batch)) if decoder else batch
+        filled = batch + batch[-1:] * (decoder.batch_size - len(batch)) if decoder else batch
         _, texts = policy.generate(model, processor, filled, gen, decoder=decoder)
         yield from (judge(example, text) for example, text in zip(batch, texts))
 

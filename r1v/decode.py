@@ -54,6 +54,7 @@ class Decoder:
         self.dtype = model.get_input_embeddings().weight.dtype  # the KV cache's (compute dtype)
         self.compiled, self.backend, self.compiles = compile, backend, 0
         self.cache, self.adapter_copies = None, {}  # both made once, at stable addresses
+        self._prompt = self._seen = 0  # prompt tokens of the batch; tokens seen on the cache
         self._frame, self._breaks = None, graph_breaks()
         if compile:
             self._install()
@@ -64,11 +65,13 @@ class Decoder:
         return (f"decode: a static KV cache of {self.batch_size} sequences x "
                 f"{self.cache_length} tokens ({size / 2**30:.2f} GiB), the decode step {how}")
 
-    def cache_for(self, batch_size, length):
-        """The run's cache, emptied; a batch or length it cannot hold gets a new, larger cache
-        (the compiled step then compiles again: warned)."""
+    def cache_for(self, batch_size, prompt_length, new_tokens):
+        """The run's cache, emptied, for `batch_size` prompts of `prompt_length` tokens (padded)
+        and `new_tokens`; a batch or length it cannot hold gets a new, larger cache (the
+        compiled step then compiles again: warned)."""
         from transformers import StaticCache
 
+        length, self._prompt, self._seen = prompt_length + new_tokens, prompt_length, 0
         if self.cache is None or batch_size != self.batch_size or length > self.cache_length:
             if self.cache is not None:  # the old one goes before the new one is made
                 self.cache = None
@@ -99,10 +102,11 @@ class Decoder:
 
         @functools.wraps(eager)  # generate() reads the forward's signature
         def forward(*args, **kwargs):
-            decoding = (self.compiled and kwargs.get("past_key_values") is self.cache
-                        and self.cache is not None and kwargs["input_ids"].shape[1] == 1
-                        and kwargs.get("mm_encoder_outputs") is None
-                        and kwargs.get("pixel_values") is None)
+            ids, on_cache = kwargs.get("input_ids"), kwargs.get("past_key_values") is self.cache
+            # after the whole prompt: a prefill's last chunk can be one token too
+            decoding = (self.compiled and on_cache and self.cache is not None
+                        and ids is not None and ids.shape[1] == 1 and self._seen >= self._prompt)
+            self._seen += ids.shape[1] if on_cache and ids is not None else 0
             if not decoding:
                 return eager(*args, **kwargs)
             if self.compiles:

@@ -23,7 +23,8 @@ NOT_MODELLED = ("the CUDA context (0.3-0.5 GiB, outside torch's count), the cach
                 "fragmentation (reserved above allocated: 0.5-1.5 GiB), cuBLAS/Triton workspaces "
                 "(tens of MiB), bitsandbytes' temporaries (QLoRA's weights count as NF4 storage), "
                 "Liger's Triton kernels (they save less than the modules they replace: the "
-                "estimate errs high)")
+                "estimate errs high), the compiled decode step's CUDA graph pool (its "
+                "intermediate buffers: a decode step's activations, tens of MiB)")
 KINDS = {"Parameter": "weights", "Buffer": "weights", "Gradient": "gradients",
          "Optstate": "optimizer", "Activation": "activations", "Temp": "backward temporaries",
          "Other": "batch"}
@@ -49,15 +50,17 @@ def worst_case_rollout(config, prompts, group_size, completion_tokens, min_pixel
         torch.full((N, completion_tokens), 1000), torch.ones(N, completion_tokens, dtype=int))
 
 
-def generation(model, fake, positions, prefill_chunk_size, bf16_adapter, cache_length=None):
+def generation(model, fake, positions, prefill_chunk_size, bf16_adapter, cache_length=None,
+               copies=None):
     """policy.generate's passes: the vision tower once per image, the prefill in chunks of
     prompt tokens into a KV cache, the last position's logits (generate's logits_to_keep).
     With `cache_length` the cache is the run's static one (r1v/decode.py), whole from the
-    first token; else it grows with the tokens."""
+    first token, as the adapter's cast `copies` are (kept by the caller); else it grows with the
+    tokens."""
     from transformers import DynamicCache, StaticCache
 
     (N, P), text = fake.prompt_ids.shape, model.config.get_text_config()
-    with policy.evaluating(model), policy.adapter_dtype(model, bf16_adapter):
+    with policy.evaluating(model), policy.adapter_dtype(model, bf16_adapter, copies):
         policy.image_features(model, fake.images, fake.image_grid_thw)
         if cache_length:
             cache = StaticCache(config=text, max_cache_len=cache_length)
@@ -76,7 +79,8 @@ def generation(model, fake, positions, prefill_chunk_size, bf16_adapter, cache_l
     return cache
 
 
-def decode_step(model, fake, positions, completion_tokens, bf16_adapter, cache=None):
+def decode_step(model, fake, positions, completion_tokens, bf16_adapter, cache=None,
+                copies=None):
     """The last decode step: a token per sequence on the full KV cache (P + C - 1 tokens; the
     static `cache`, if given, already holds them all)."""
     from transformers import DynamicCache
@@ -91,7 +95,7 @@ def decode_step(model, fake, positions, completion_tokens, bf16_adapter, cache=N
         cache.update(*kv, layer)
         del kv
     positions["now"] = fake.positions[:, :, -1:]
-    with policy.evaluating(model), policy.adapter_dtype(model, bf16_adapter):
+    with policy.evaluating(model), policy.adapter_dtype(model, bf16_adapter, copies):
         model(input_ids=fake.completion_ids[:, -1:], past_key_values=cache, use_cache=True,
               mm_token_type_ids=torch.zeros_like(fake.completion_ids[:, -1:]), logits_to_keep=1)
 
@@ -151,9 +155,11 @@ def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion
         optimizer.zero_grad(set_to_none=True)
         tracker.start_phase()
         length = fake.prompt_ids.shape[1] + completion_tokens if static_cache else None
-        cache = generation(model, fake, positions, prefill_chunk_size, bf16, length)
+        copies = {} if static_cache else None  # r1v/decode.py keeps the adapter's cast too
+        cache = generation(model, fake, positions, prefill_chunk_size, bf16, length, copies)
         phases["generation"] = tracker.start_phase()
-        decode_step(model, fake, positions, completion_tokens, bf16, cache if length else None)
+        decode_step(model, fake, positions, completion_tokens, bf16, cache if length else None,
+                    copies)
         cache = cache if length else None  # the run's static cache lives on, a growing one not
         phases["decode"] = tracker.start_phase()
         for mb in batches if reference or old_logps else ():

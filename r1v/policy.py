@@ -200,7 +200,7 @@ def generate(model, processor, examples, gen_config, group_size=1, max_prompt_le
         raise UserError(f"a prompt is {longest} tokens, over --max_prompt_length "
                         f"{max_prompt_length}; lower --max_pixels or raise --max_prompt_length")
     cache = decoder and {"past_key_values": decoder.cache_for(
-        len(enc["input_ids"]), P + gen_config.max_new_tokens)}
+        len(enc["input_ids"]), P, gen_config.max_new_tokens)}
     with evaluating(model), adapter_dtype(model, model.get_input_embeddings().weight.dtype,
                                           decoder and decoder.adapter_copies):
         features = image_features(model, enc["images"], enc["image_grid_thw"])  # once per image

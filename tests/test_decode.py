@@ -190,3 +190,33 @@ def test_cudagraphs_on_a_cpu_is_one_line(tmp_path):
         "error: --compile_backend cudagraphs needs a CUDA GPU; on a CPU use inductor, aot_eager "
         "or eager"]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prefill_whose_last_chunk_is_one_token_stays_eager(tiny_model_dir):
+    """The dispatch counts the prompt's tokens: a prefill chunk of one token (the prompt one
+    longer than a multiple of --prefill_chunk_size) is not a decode step, and compiles nothing."""
+    model, processor = lora_model(tiny_model_dir)
+    examples = examples_of_sizes(SIZES[:2])
+    P = policy.encode_prompts(processor, examples, 1)["input_ids"].shape[1]
+    whole = policy.generation_config(processor, max_new_tokens=6, greedy=True)
+    chunked = policy.generation_config(processor, max_new_tokens=6, greedy=True,
+                                       prefill_chunk_size=P - 1)
+    decoder = decode.Decoder(model, 4, 200, compile=True, backend="eager")
+    eager, _ = policy.generate(model, processor, examples, whole, 2)
+    for gen in (whole, chunked, whole):
+        again, _ = policy.generate(model, processor, examples, gen, 2, decoder=decoder)
+        assert torch.equal(again.completion_ids, eager.completion_ids)
+    assert decoder.stats()["decode_compiles"] == 1
+
+
+def test_eval_fills_its_last_batch_to_the_cache_it_made(tiny_model_dir, tmp_path, capsys):
+    """3 items, --batch_size 16: a cache of 3 sequences, and every call fits it."""
+    model, processor = lora_model(tiny_model_dir)
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    evaluation.main(["--model", tiny_model_dir, "--adapter", str(adapter), "--dataset",
+                     "synthetic", "--synthetic_image_size", "56", "--limit", "3",
+                     "--batch_size", "16", "--max_new_tokens", "4", "--compile_decode",
+                     "--compile_backend", "eager", "--output_dir", str(tmp_path / "e")])
+    out = capsys.readouterr().out
+    assert "a static KV cache of 3 sequences" in out and "made again" not in out

@@ -191,7 +191,8 @@ def test_a_qwen25_model_plans_too(tiny_qwen25_dir, tmp_path):
 def test_the_static_cache_of_the_compiled_decode_is_planned_whole_and_kept(tiny_model_dir,
                                                                            tmp_path):
     """--compile_decode (a CUDA run's default) holds the run's KV cache from the first prefill
-    token to the end of the step; without it the cache grows and goes after generation."""
+    token to the end of the step, and the adapter's bf16 copy with it; without it the cache
+    grows and goes after generation."""
     from r1v import decode
 
     flags = dict(prompts_per_step=2, num_generations=4, max_completion_length=64,
@@ -203,9 +204,10 @@ def test_the_static_cache_of_the_compiled_decode_is_planned_whole_and_kept(tiny_
     config = models.load_config(tiny_model_dir)
     prompt = 1 + 16 + 1 + memory.PROMPT_TEXT_TOKENS  # the worst case's prompt: 16 image tokens
     cache = decode.cache_bytes(config, 8, prompt + 64, torch.bfloat16) / memory.GiB
+    copies = static["fixed_gib"]["adapter"] / 2  # the fp32 adapter, cast to bf16
     for phase in ("log-probs", "update"):
         kept = static["phases"][phase] - growing["phases"][phase]
-        assert kept == pytest.approx(cache, rel=0.02), phase
+        assert kept == pytest.approx(cache + copies, rel=0.03), phase
     assert static["phases"]["generation"] > growing["phases"]["generation"]
 
 
