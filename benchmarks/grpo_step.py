@@ -221,9 +221,9 @@ def run_ours(args, device, examples, settings):
     weights = (torch.cuda.memory_allocated() - sum(p.numel() * p.element_size() for p in params)
                if cuda else 0)  # what is allocated but the adapter
     procs, eos_ids = processes.Processes(None), models.eos_ids(cfg.model, processor)
-    gen_config = policy.generation_config(
+    gen_config = policy.generation_config(  # the trainer's, as train.train makes it
         processor, eos_ids, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, prefill_chunk_size=cfg.prefill_chunk_size)  # the trainer's, as train.train makes it
+        top_k=cfg.top_k, top_p=cfg.top_p, prefill_chunk_size=cfg.prefill_chunk_size)
     gen_config.min_new_tokens = cfg.max_completion_length  # every completion has them all
     prefill_config = copy.deepcopy(gen_config)
     prefill_config.max_new_tokens, prefill_config.min_new_tokens = 1, 0
