@@ -526,24 +526,15 @@ def preview_rewards(cfg, procs):
     batches = preview.first_prompts(run.sampler, cfg.preview_rewards)
     load_policy(run, dataclasses.replace(cfg, prompts_per_step=len(batches[0])), procs,
                 prompt_rows)  # a decode cache the size of the preview's batches
-    on_error = metrics.on_reward_error(metrics.report_once())
-    texts, total, parts, examples = [], [], {name: [] for name in run.reward_funcs}, []
-    errors = dict.fromkeys(run.reward_funcs, 0)
+    on_error, scored = metrics.on_reward_error(metrics.report_once()), []
     for batch in tqdm(batches, desc="preview", dynamic_ncols=True):
         prompts, _ = rows.take(run.dataset, batch, metrics.report_once())
-        rollout, generated = generate(run.model, run.processor, prompts,
-                                      generation_config(run, cfg), cfg, run.eos_ids, run.decoder)
-        scored = score(generated, prompts, rollout, run.eos_ids, run.reward_funcs, run.weights,
-                       cfg.num_generations, on_error)
-        texts, total, examples = texts + scored.texts, total + scored.total, examples + prompts
-        for name in parts:
-            parts[name] += scored.parts[name]
-            errors[name] += scored.errors[name]
-    G = cfg.num_generations
-    groups = [list(range(k * G, (k + 1) * G)) for k in range(len(examples))]
-    shown = [{"question": ex["question"], "answer": data.gold_of(ex)} for ex in examples]
-    return preview.write(preview.summarize(texts, total, parts, errors, groups, shown,
-                                           dataclasses.asdict(cfg)), run.out)
+        rollout, texts = generate(run.model, run.processor, prompts, generation_config(run, cfg),
+                                  cfg, run.eos_ids, run.decoder)
+        scored.append(score(texts, prompts, rollout, run.eos_ids, run.reward_funcs, run.weights,
+                            cfg.num_generations, on_error))
+    return preview.write(preview.of_batches(scored, cfg.num_generations, data.gold_of,
+                                            dataclasses.asdict(cfg)), run.out)
 
 
 def rescore(cfg):

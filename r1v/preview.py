@@ -77,6 +77,19 @@ def summarize(texts, total, parts, errors, groups, shown, settings):
             "settings": settings}
 
 
+def of_batches(scored, group_size, gold_of, settings):
+    """The report of a preview's generation batches (metrics.Scored, whole groups of
+    `group_size` completions each); `gold_of(example)` is what a reader is shown as right."""
+    texts = [t for s in scored for t in s.texts]
+    examples = [ex for s in scored for ex in s.examples[::group_size]]  # a group's prompt
+    parts = {name: [v for s in scored for v in s.parts[name]] for name in scored[0].parts}
+    errors = {name: sum(s.errors[name] for s in scored) for name in parts}
+    groups = [list(range(k, k + group_size)) for k in range(0, len(texts), group_size)]
+    return summarize(texts, [t for s in scored for t in s.total], parts, errors, groups,
+                     [{"question": ex["question"], "answer": gold_of(ex)} for ex in examples],
+                     settings)
+
+
 def describe(report):
     """The report's figures as a short table, with what a flat reward means."""
     lines = [f"{'':<12}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}{'errors':>8}"
