@@ -278,7 +278,7 @@ def check_inputs(cfg, procs):
     None if the checkpoint to resume is the run's last step."""
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
-    held = [] if cfg.preview_rewards else runs.held_run(out, cfg.resume, cfg.overwrite)
+    held = [] if cfg.preview_rewards else runs.held_run(out, cfg.resume, cfg.overwrite)  # kept
     pixels = data.View(cfg.min_pixels, cfg.max_pixels)  # the model's prompt and frame come later
     dataset = data.load_examples(cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
                                  pixels, "--dataset", cfg.synthetic_tasks, cfg.synthetic_image_size)
@@ -300,7 +300,7 @@ def check_inputs(cfg, procs):
         return None
     with demo.model_files(cfg.model, cfg.seed, cfg.synthetic_tasks) as name:
         see_as(name, run, cfg, prompt_rows, held_rows)  # the demo's model is built later
-    if not cfg.preview_rewards:
+    if not cfg.preview_rewards:  # a preview logs no run
         procs.start_tracker(cfg.report_to, dataclasses.asdict(cfg), out,
                             checkpoint[1]["step"] if checkpoint else 0)
     return cfg, run, (prompt_rows, held_rows), checkpoint, held
