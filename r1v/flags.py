@@ -100,8 +100,8 @@ class RunFlags(ModelFlags, DecodeFlags, SyntheticFlags):
     gpu_memory_gib: float | None = flag(None, "the card --plan_memory plans for", above=0,
                                         default_help="the visible GPU's, else 16")
     # will the reward teach? (README "Prototyping a reward")
-    preview_rewards: int = flag(0, "sample G completions for the run's first N prompts as its "
-                                "first steps would, score them with its rewards, write "
+    preview_rewards: int = flag(0, "N > 0: sample G completions for the run's first N prompts "
+                                "as its first steps would, score them with its rewards, write "
                                 "OUTPUT_DIR/reward_preview.json and stop (nothing trained)",
                                 min=0)
     rescore: str | None = flag(None, "score the completions a run logged (RUN/samples.jsonl) "

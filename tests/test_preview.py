@@ -154,6 +154,8 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, tiny_model_dir, 
     assert "not with --resume" in error_of([*base, "--preview_rewards", "2", "--resume"], capsys)
     assert "give one" in error_of([*base, "--preview_rewards", "2", "--rescore", "x"], capsys)
     assert "no such file" in error_of(["--rescore", str(tmp_path / "none.jsonl"), *out], capsys)
+    assert "--reward_funcs 'nope.py:f'" in error_of(
+        ["--rescore", str(tmp_path / "none.jsonl"), "--reward_funcs", "nope.py:f", *out], capsys)
     old = tmp_path / "samples.jsonl"  # a line as samples.jsonl was before it kept examples
     old.write_text(json.dumps({"step": 1, "group": 0, "question": "q", "answer": "a",
                                "completion": "c", "rewards": {"format": 0.0}}) + "\n")
