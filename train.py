@@ -28,7 +28,7 @@ import demo
 import eval as evaluation
 import grpo
 import rewards
-from r1v import cli, decode, memory, metrics, policy, processes, rows, runs, schedule
+from r1v import cli, decode, memory, metrics, policy, preview, processes, rows, runs, schedule
 from r1v import model as models
 from r1v.cli import UserError, flag
 from r1v.flags import RunFlags
@@ -94,6 +94,12 @@ class Config(RunFlags):
             raise UserError("--reward_weights are all 0: every advantage would be 0")
         if self.eval_dataset and not self.eval_steps:  # else it would be silently unused
             raise UserError("--eval_dataset is used every --eval_steps N steps: give N")
+        if (self.preview_rewards or self.rescore) and (self.resume or self.objective == "sft"):
+            raise UserError("--preview_rewards and --rescore score a fresh GRPO run's "
+                            "completions: not with --resume or --objective sft")
+        if self.preview_rewards and self.rescore:
+            raise UserError("--preview_rewards samples new completions, --rescore scores "
+                            "logged ones: give one")
 
 
 def parse_config(argv=None):
@@ -272,7 +278,7 @@ def check_inputs(cfg, procs):
     None if the checkpoint to resume is the run's last step."""
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
-    held = runs.held_run(out, cfg.resume, cfg.overwrite)
+    held = [] if cfg.preview_rewards else runs.held_run(out, cfg.resume, cfg.overwrite)  # kept
     pixels = data.View(cfg.min_pixels, cfg.max_pixels)  # the model's prompt and frame come later
     dataset = data.load_examples(cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
                                  pixels, "--dataset", cfg.synthetic_tasks, cfg.synthetic_image_size)
@@ -294,8 +300,9 @@ def check_inputs(cfg, procs):
         return None
     with demo.model_files(cfg.model, cfg.seed, cfg.synthetic_tasks) as name:
         see_as(name, run, cfg, prompt_rows, held_rows)  # the demo's model is built later
-    procs.start_tracker(cfg.report_to, dataclasses.asdict(cfg), out,
-                        checkpoint[1]["step"] if checkpoint else 0)
+    if not cfg.preview_rewards:  # a preview logs no run
+        procs.start_tracker(cfg.report_to, dataclasses.asdict(cfg), out,
+                            checkpoint[1]["step"] if checkpoint else 0)
     return cfg, run, (prompt_rows, held_rows), checkpoint, held
 
 
@@ -338,6 +345,29 @@ def make_decoder(run, cfg, procs):
     return decoder
 
 
+def load_policy(run, cfg, procs, prompt_rows):
+    """The seed set, the model (the demo's built here, into the run folder, or reused), the rows
+    shown as it sees them, a fresh LoRA adapter (the same on every process), the decoder."""
+    set_seed(cfg.seed)  # the same on every process: the same fresh adapter
+    name = cfg.model
+    if cfg.model == demo.MODEL:
+        with procs.accelerator.main_process_first():  # built once, then found by the others
+            name = demo.build_demo_model(run.out / "demo-base", cfg.seed, cfg.synthetic_tasks,
+                                         cfg.synthetic_image_size)
+        see_as(name, run, cfg, *prompt_rows)
+    run.dataset.shown_as(run.view)
+    run.model, run.eos_ids = load_model(cfg, procs.device, name), models.eos_ids(name,
+                                                                                run.processor)
+    run.decoder = make_decoder(run, cfg, procs)
+
+
+def generation_config(run, cfg):
+    return policy.generation_config(
+        run.processor, run.eos_ids, max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        prefill_chunk_size=cfg.prefill_chunk_size)
+
+
 def setup(cfg, procs):
     """0. The checks; then --overwrite clears the old run; the model (the demo's built here),
     its prompt, a fresh LoRA adapter (the same on every process), the optimizer and its
@@ -350,19 +380,9 @@ def setup(cfg, procs):
     if procs.main:
         runs.clear(run.out, held)
     procs.accelerator.wait_for_everyone()
-    set_seed(cfg.seed)  # the same on every process: the same fresh adapter
-    name = cfg.model
-    if cfg.model == demo.MODEL:
-        with procs.accelerator.main_process_first():  # built once, then found by the others
-            name = demo.build_demo_model(run.out / "demo-base", cfg.seed, cfg.synthetic_tasks,
-                                         cfg.synthetic_image_size)
-        see_as(name, run, cfg, *prompt_rows)
-    run.dataset.shown_as(run.view)
+    load_policy(run, cfg, procs, prompt_rows)
     run.held_out = run.held_out and evaluation.eval_items(run.held_out.shown_as(run.view),
                                                           "held-out", run.held_out.name)
-    run.model, run.eos_ids = load_model(cfg, procs.device, name), models.eos_ids(name,
-                                                                                run.processor)
-    run.decoder = make_decoder(run, cfg, procs)
     params = [p for p in run.model.parameters() if p.requires_grad]
     procs.start_equal(params)
     if procs.main:
@@ -399,7 +419,7 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
             evaluation.score(sum(judged, []))
     if procs.main:
         metrics.write_logs(run.out, row, scored, cfg.log_samples_steps, cfg.num_samples,
-                           data.gold_of)
+                           data.gold_of, cfg.num_generations)
         procs.accelerator.log({k: v for k, v in row.items() if v is not None}, step=step)
     if run.counters["consecutive_nonfinite"] >= cfg.max_nonfinite_steps:
         raise UserError(f"step {step}: {run.counters['consecutive_nonfinite']} consecutive "
@@ -420,6 +440,8 @@ def train(cfg):
     if cfg.plan_memory:  # the run planned, not run: no data is read, no weights
         with demo.model_files(cfg.model, cfg.seed, cfg.synthetic_tasks) as name:
             return memory.plan_run(cfg, micro_batch_loss, model=name)
+    if cfg.rescore:  # a run's logged completions scored again: no model, no rows
+        return rescore(cfg)
     started, procs = time.time(), processes.Processes(cfg.output_dir, cfg.report_to,
                                                       cfg.prompts_per_step)
     if cfg.use_liger is None:  # on where its kernels run
@@ -429,6 +451,8 @@ def train(cfg):
     decode.check_backend(cfg.compile_decode, cfg.compile_backend, procs.device)
     if cfg.cpu_threads and procs.device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads)
+    if cfg.preview_rewards:  # the run's first completions scored, nothing trained
+        return preview_rewards(cfg, procs)
     with contextlib.ExitStack() as cleanup:
         if procs.main:  # one run a folder, for the run's life
             cleanup.enter_context(runs.locked(cfg.output_dir, "--output_dir"))
@@ -437,10 +461,7 @@ def train(cfg):
             return None
         cleanup.callback(procs.accelerator.end_training)  # flushes the tracker, on errors too
         stop = cleanup.enter_context(processes.stop_on_sigint(procs.main))
-        gen_config = policy.generation_config(
-            run.processor, run.eos_ids, max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-            prefill_chunk_size=cfg.prefill_chunk_size)
+        gen_config = generation_config(run, cfg)
         report, row, saved, stopping = metrics.report_once(), {}, None, False
         on_reward_error = rewards.FirstErrors(metrics.on_reward_error(report))
         for step in tqdm(range(run.start_step + 1, run.max_steps + 1), initial=run.start_step,
@@ -491,6 +512,43 @@ def train(cfg):
                 break
         procs.accelerator.wait_for_everyone()  # the last checkpoint is complete when any ends
     return finish(run, row, saved, stopping, started, procs.main)
+
+
+# --- before a run: the rewards' signal (README "Prototyping a reward") ---------------------------
+
+def preview_rewards(cfg, procs):
+    """--preview_rewards N: the run's checks, model and first N prompts, G completions each
+    sampled as its first steps would (the first batch's are its step 1's), scored by its
+    rewards; reward_preview.json, and nothing of a run written (r1v/preview.py)."""
+    if procs.world > 1:
+        raise UserError("--preview_rewards runs in one process: start it without a launcher")
+    cfg, run, prompt_rows = check_inputs(cfg, procs)[:3]
+    batches = preview.first_prompts(run.sampler, cfg.preview_rewards)
+    load_policy(run, dataclasses.replace(cfg, prompts_per_step=len(batches[0])), procs,
+                prompt_rows)  # a decode cache the size of the preview's batches
+    on_error, scored = metrics.on_reward_error(metrics.report_once()), []
+    for batch in tqdm(batches, desc="preview", dynamic_ncols=True):
+        prompts, _ = rows.take(run.dataset, batch, metrics.report_once())
+        rollout, texts = generate(run.model, run.processor, prompts, generation_config(run, cfg),
+                                  cfg, run.eos_ids, run.decoder)
+        scored.append(score(texts, prompts, rollout, run.eos_ids, run.reward_funcs, run.weights,
+                            cfg.num_generations, on_error))
+    return preview.write(preview.of_batches(scored, cfg.num_generations, data.gold_of,
+                                            dataclasses.asdict(cfg)), run.out)
+
+
+def rescore(cfg):
+    """--rescore RUN/samples.jsonl: the completions a run logged, scored by --reward_funcs
+    (by default its task's) with the examples they answered; the preview's report."""
+    given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
+    out = runs.writable_dir(cfg.output_dir, "--output_dir")
+    groups = preview.read_samples(cfg.rescore)
+    specs = cfg.reward_funcs or TASK_REWARDS[groups[0][0]["example"].get("task_type", "choice")]
+    funcs, weights = given or rewards.load_rewards(specs, cfg.reward_weights)
+    cfg = dataclasses.replace(cfg, reward_funcs=list(specs), reward_weights=list(weights.values()))
+    on_error = metrics.on_reward_error(metrics.report_once())
+    scored = preview.rescore(groups, funcs, weights, rewards.score_completions, on_error)
+    return preview.write(preview.summarize(*scored, dataclasses.asdict(cfg)), out)
 
 
 def finish(run, row, saved, stopping, started, main_process):

@@ -82,7 +82,8 @@ class RunFlags(ModelFlags, DecodeFlags, SyntheticFlags):
                                     default_help="SAT's val split, or other synthetic rows")
     # logging and checkpoints
     log_samples_steps: int = flag(10, "every N steps write samples.jsonl (0 = never)", min=0)
-    num_samples: int = flag(4, "samples written each time", min=1)
+    num_samples: int = flag(4, "prompts whose G completions samples.jsonl gets each time",
+                            min=1)
     save_steps: int = flag(100, "checkpoint every N steps (0 = only at the end)", min=0)
     save_total_limit: int = flag(3, "keep the newest K checkpoints (0 = all)", min=0)
     resume: str | None = flag(None, "continue from the newest checkpoint in output_dir, or PATH",
@@ -98,6 +99,14 @@ class RunFlags(ModelFlags, DecodeFlags, SyntheticFlags):
                              "OUTPUT_DIR/memory_plan.json and stop")
     gpu_memory_gib: float | None = flag(None, "the card --plan_memory plans for", above=0,
                                         default_help="the visible GPU's, else 16")
+    # will the reward teach? (README "Prototyping a reward")
+    preview_rewards: int = flag(0, "N > 0: sample G completions for the run's first N prompts "
+                                "as its first steps would, score them with its rewards, write "
+                                "OUTPUT_DIR/reward_preview.json and stop (nothing trained)",
+                                min=0)
+    rescore: str | None = flag(None, "score the completions a run logged (RUN/samples.jsonl) "
+                               "with --reward_funcs, no model loaded; the same report",
+                               default_help="no")
 
 
 BENCHMARKS = ("cvbench", "sat", *hub.REFCOCO)

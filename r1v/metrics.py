@@ -170,18 +170,17 @@ def on_reward_error(report):
     return on_error
 
 
-def write_logs(out, metrics, scored, samples_every, num_samples, gold_of):
+def write_logs(out, metrics, scored, samples_every, num_samples, gold_of, group_size):
     """One line to metrics.jsonl (a number that is not finite as null: JSON has no NaN), a short
-    one to the terminal; every `samples_every` steps (and the first), `num_samples` samples
-    (the prompt's question, the gold by `gold_of`, the completion, its rewards)."""
+    one to the terminal; every `samples_every` steps (and the first), the whole groups of the
+    first `num_samples` prompts to samples.jsonl (README "Metrics"), with what each reward saw:
+    enough to score them again with other rewards (`train.py --rescore`)."""
     row = {k: None if isinstance(v, float) and not math.isfinite(v) else v
            for k, v in metrics.items()}
     step, samples = row["step"], []
     if scored and samples_every and (step % samples_every == 0 or step == 1):
-        samples = [{"step": step, "question": scored.examples[i]["question"],
-                    "answer": gold_of(scored.examples[i]), "completion": scored.texts[i],
-                    "rewards": {n: v[i] for n, v in scored.parts.items()}}
-                   for i in range(min(num_samples, len(scored.texts)))]
+        samples = [sample_line(step, i // group_size, scored, i, gold_of)
+                   for i in range(min(num_samples * group_size, len(scored.texts)))]
     for name, lines in (("metrics.jsonl", [row]), ("samples.jsonl", samples)):
         if not lines:  # no samples this step: the file is not even opened
             continue
@@ -190,6 +189,17 @@ def write_logs(out, metrics, scored, samples_every, num_samples, gold_of):
                             "intact: free space and continue with --resume"), open(path, "a") as f:
             f.writelines(json.dumps(line, allow_nan=False) + "\n" for line in lines)
     tqdm.write(short_line(row))
+
+
+def sample_line(step, group, scored, i, gold_of):
+    """Completion i of a step as samples.jsonl keeps it: its group (the prompt's place in the
+    step), the question and gold for a reader, its rewards and their weighted total, and the
+    example its rewards saw (the image left out; its token count, `completion_tokens`, in)."""
+    example = scored.examples[i]
+    return {"step": step, "group": group, "question": example["question"],
+            "answer": gold_of(example), "completion": scored.texts[i], "reward": scored.total[i],
+            "rewards": {n: v[i] for n, v in scored.parts.items()},
+            "example": {k: v for k, v in example.items() if k != "image"}}
 
 
 WATCHED = {"kl": "kl", "loss": "loss", "mean_token_accuracy": "token_accuracy",

@@ -112,7 +112,7 @@ def test_two_process_demo_learns_with_one_metrics_line_per_step(two_process_demo
     assert len(state["rng"]) == 2  # each process's own sampling stream, to resume exactly
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted({s["step"] for s in samples}) == [1, 50, 100, 150, 200]
-    assert len(samples) == 5 * 4  # --num_samples each time, written once
+    assert len(samples) == 5 * 4 * 8  # --num_samples prompts x G each time, written once
 
 
 @pytest.mark.slow
