@@ -149,8 +149,8 @@ def main(argv=None):
               "command": "python benchmarks/decode_overhead.py " + " ".join(argv or sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "decode_overhead_cpu" + ("" if args.attention == "sdpa" else "-eager-attention")
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    stem = "decode_overhead_cpu" + ("" if args.attention == "sdpa" else "-eager-attention")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"| decode step (CPU, 1 thread, {args.attention} attention) | CPU ms / step (best "
              "of rounds) | aten calls / step |",
              "|---|---|---|"]
@@ -164,7 +164,7 @@ def main(argv=None):
         f"{report['decode_compiles']}, graph breaks {report['decode_graph_breaks']}; greedy "
         f"tokens equal to eager: {same}. Command: `{report['command'].strip()}`; torch "
         f"{torch.__version__}.\n")
-    (out / f"{name}.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     print(text)
     return report
 
