@@ -232,7 +232,8 @@ def run_ours(args, device, examples, settings):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda index: 1.0)
     meter = StepMeter(device, VisionCounter(model))
     prompt = policy.encode_prompts(processor, examples, 1)["input_ids"].shape[1]
-    decoder = train.make_decoder(train.Run(*[None] * 6, longest_prompt=prompt), cfg, procs)
+    decoder = train.make_decoder(train.Run(*[None] * 6, model=model, longest_prompt=prompt), cfg,
+                                 procs)
     records, memory = [], None
     for step in range(args.steps + 1):  # step 0 warms up (kernels, allocator), not counted
         meter.begin("generation")

@@ -97,6 +97,9 @@ class Decoder:
     # --- compiling --------------------------------------------------------------------------
 
     def _install(self):
+        # One compiled decode step a process: what an earlier Decoder compiled (another model's,
+        # a test's) would otherwise be reused or count against torch's recompile limit.
+        torch._dynamo.reset()
         eager = self.base.forward
         compiled = torch.compile(eager, backend=self._counted(), dynamic=False)
 

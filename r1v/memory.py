@@ -124,18 +124,21 @@ def plan(loss_fn, *, model, prompts_per_step, num_generations, max_completion_le
                                        gradient_checkpointing=gradient_checkpointing)
         params = [p for p in fake_model.parameters() if p.requires_grad]
         with mode, fakes.given_positions(fake_model, mode) as positions:
-            phases = run_step(fake_model, params, mode, positions, rollout, micro, loss_fn,
-                              max_completion_length, logp_chunk_size, prefill_chunk_size,
-                              reference=beta != 0, old_logps=num_iterations > 1,
-                              features=not train_vision,
-                              static_cache=static_cache or compile_decode)
-    return phases, sum(math.ceil(p.numel() * p.element_size() / 512) * 512 for p in params)
+            phases, copies = run_step(
+                fake_model, params, mode, positions, rollout, micro, loss_fn,
+                max_completion_length, logp_chunk_size, prefill_chunk_size, reference=beta != 0,
+                old_logps=num_iterations > 1, features=not train_vision,
+                static_cache=static_cache or compile_decode)
+    # the adapter: its fp32 weights and, kept with the static cache, their bf16 copy
+    return phases, sum(math.ceil(p.numel() * p.element_size() / 512) * 512
+                       for p in [*params, *copies.values()])
 
 
 def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion_tokens,
              logp_chunk_size, prefill_chunk_size, reference, old_logps, features,
              static_cache=False):
-    """A step's phases on the fake model under one tracker, each phase's peak its own."""
+    """A step's phases on the fake model under one tracker, each phase's peak its own; and the
+    adapter's bf16 copies that generation keeps with a static cache."""
     fake = fakes.faked(mode, rollout, model)
     batches = [fakes.faked(mode, mb, model, with_features=features) for mb in micro]
     for mb in batches:
@@ -176,7 +179,7 @@ def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         phases["update"] = tracker.start_phase()
-    return phases
+    return phases, copies or {}
 
 
 def gib(n):  # exact: bytes over a power of two

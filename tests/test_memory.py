@@ -59,7 +59,9 @@ def test_the_fixed_part_of_a_tiny_model_is_its_analytic_count(tiny_model_dir, ti
     assert all(p.dtype == torch.float32 for p in trainable) and adapter > 0
     fixed = tiny_plan["fixed_gib"]
     assert fixed["weights"] * GiB == blocks(frozen)
-    assert fixed["adapter"] * GiB == fixed["gradients"] * GiB == adapter
+    # the compiled decode (the plan's default, as on CUDA) keeps the adapter's bf16 copy too
+    copies = sum(-(-p.numel() * 2 // 512) * 512 for p in trainable)
+    assert fixed["adapter"] * GiB == adapter + copies and fixed["gradients"] * GiB == adapter
     assert fixed["optimizer"] * GiB == 2 * adapter + 512 * len(trainable)
     assert set(tiny_plan["phases"]) == {"generation", "decode", "log-probs", "update"}
     assert tiny_plan["peak_gib"] == max(tiny_plan["phases"].values())
@@ -204,7 +206,7 @@ def test_the_static_cache_of_the_compiled_decode_is_planned_whole_and_kept(tiny_
     config = models.load_config(tiny_model_dir)
     prompt = 1 + 16 + 1 + memory.PROMPT_TEXT_TOKENS  # the worst case's prompt: 16 image tokens
     cache = decode.cache_bytes(config, 8, prompt + 64, torch.bfloat16) / memory.GiB
-    copies = static["fixed_gib"]["adapter"] / 2  # the fp32 adapter, cast to bf16
+    copies = static["fixed_gib"]["adapter"] / 3  # its part of the adapter: fp32 + bf16 copy
     for phase in ("log-probs", "update"):
         kept = static["phases"][phase] - growing["phases"][phase]
         assert kept == pytest.approx(cache + copies, rel=0.03), phase
