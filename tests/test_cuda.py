@@ -76,3 +76,27 @@ def test_each_variant_trains_a_few_steps(tiny_model_dir, tmp_path, variant):
     assert all(m["nonfinite_steps"] == 0 and m["grad_norm"] > 0 for m in metrics)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["use_liger"] == variant["use_liger"]
+
+
+def test_the_compiled_decode_replays_one_graph_and_follows_the_adapter(tiny_model_dir):
+    """inductor's CUDA graph of the decode step, on the run's static cache, over generate calls
+    with the adapter changed in between (as the optimizer does, in place): one compile, no graph
+    break, and the tokens of eager decoding (bf16: a near-tie may round the other way)."""
+    from r1v import decode
+
+    model, processor = lora_model(tiny_model_dir)
+    examples = [demo.synthetic_dataset(4, seed=1, image_size=56)[i] for i in range(2)]
+    gen = policy.generation_config(processor, max_new_tokens=16, greedy=True)
+    gen.min_new_tokens = 16
+    decoder = decode.Decoder(model, 4, 256, compile=True)
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    for _ in range(3):
+        eager, _ = policy.generate(model, processor, examples, gen, group_size=2)
+        compiled, _ = policy.generate(model, processor, examples, gen, group_size=2,
+                                      decoder=decoder)
+        same = (compiled.completion_ids == eager.completion_ids).float().mean().item()
+        assert same > 0.8, same
+        with torch.no_grad():  # a large step: a stale graph would keep the old tokens
+            for p in lora:
+                p.add_(torch.randn_like(p) * 0.2)
+    assert decoder.stats() == {"decode_compiles": 1, "decode_graph_breaks": 0}
