@@ -189,8 +189,10 @@ def faked(mode, rollout, model, with_features=True):
             mm_token_type_ids=inputs["mm_token_type_ids"])[0]                  # (3, N, P+C)
     fake.positions = mode.from_tensor(positions)
     hidden = model.config.get_text_config().hidden_size
-    if with_features:
-        shared = {key: torch.empty(n, hidden, dtype=torch.bfloat16) for key, n in tokens.items()}
+    layers = 1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ()))
+    if with_features:  # as policy.image_features leaves them: (1 + L, tokens_i, H)
+        shared = {key: torch.empty(layers, n, hidden, dtype=torch.bfloat16)
+                  for key, n in tokens.items()}
         fake.image_features = [shared[id(t)] for t in rollout.images]
     return fake
 
