@@ -86,8 +86,9 @@ def build_untrained(folder, seed, tasks, weights=True, family=None):
     (weights=False: its config and processor, all a prompt's length needs)."""
     grounding_tasks = synthetic.synthetic_task_type(tasks) != "choice"
     family = family or ("qwen2_5_vl" if grounding_tasks else "qwen2_vl")
+    # Only JSON boxes need whitespace as tokens: a choice answer then fits the demo's 8 tokens.
     return str(tiny.build_tiny_model(folder, synthetic_vocabulary(grounding_tasks), seed=seed,
-                                     family=family, weights=weights))
+                                     family=family, weights=weights, exact=grounding_tasks))
 
 
 @contextlib.contextmanager

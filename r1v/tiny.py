@@ -182,13 +182,14 @@ def save_processor(folder, tok, max_pixels, family="qwen2_vl", chat_template=Non
 
 
 def build_tiny_model(folder, texts, hidden=64, layers=2, seed=0, family="qwen2_vl",
-                     weights=True):
+                     weights=True, exact=None):
     """Build and save a tiny random Qwen2-VL, its tokenizer and processor into `folder`; with
     family="qwen2_5_vl" or "qwen3_vl", a tiny Instruct model whose processor has a chat template
     (Qwen3-VL's tokenizer ends on <|im_end|>, as the released one); weights=False: its
-    config.json and processor only."""
+    config.json and processor only; `exact`: build_tokenizer's (None: for an Instruct model)."""
     instruct = family in ("qwen2_5_vl", "qwen3_vl")
-    tok = build_tokenizer(texts + [CHAT_WORDS] if instruct else texts, exact=instruct,
+    exact = instruct if exact is None else exact
+    tok = build_tokenizer(texts + [CHAT_WORDS] if instruct else texts, exact=exact,
                           eos_token="<|im_end|>" if family == "qwen3_vl" else "<|endoftext|>")
     half = hidden // 4 // 2  # M-RoPE splits half the head dim into (time, height, width)
     section = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
