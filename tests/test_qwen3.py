@@ -279,3 +279,20 @@ def test_the_demo_command_on_the_tiny_qwen3_vl(tmp_path):
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[0]["rewards/format/mean"] > 0.5  # the warm-up taught it the answer format
+
+
+def test_a_qwen3_vl_model_plans_with_its_patches_and_deepstack(qwen3_dir, tmp_path):
+    """The worst case's image is of 16-pixel patches; DeepStack's addition and the tower's
+    position interpolation run under fake tensors."""
+    from r1v import memory
+
+    config = models.load_config(qwen3_dir)
+    fake = memory.worst_case_rollout(config, 1, 2, 4, 0, 32 * 32 * 16)
+    assert fake.image_grid_thw.tolist() == [[1, 8, 8]] * 2  # 128 x 128 pixels: 16 tokens
+    assert fake.images[0].shape == (64, 3 * 2 * 16 * 16)
+    cfg = train.parse_config(["--model", qwen3_dir, "--output_dir", str(tmp_path), "--lora_r",
+                              "4", "--lora_alpha", "8", "--prompts_per_step", "2",
+                              "--num_generations", "2", "--max_completion_length", "8",
+                              "--micro_batch_size", "2", "--max_pixels", str(32 * 32 * 16)])
+    result = memory.plan_run(cfg, train.micro_batch_loss)
+    assert result["fits"] and result["phases"]["generation"] > result["fixed_gib"]["weights"]
