@@ -241,7 +241,8 @@ def test_the_released_architectures_configs(tmp_path, name, layers, kv_per_token
 
 
 def test_training_and_evaluation_on_grounding_rows(tmp_path, qwen3_dir):
-    """REC rows: boxes in the 0-1000 frame, 2 GRPO steps, then eval.py on the same rows."""
+    """REC rows: boxes in the 0-1000 frame, 2 GRPO steps, then eval.py on the same rows; the
+    static KV cache of the compiled decode sized from the prompts' 32-pixel visual tokens."""
     path = tmp_path / "rows.jsonl"
     Image.new("RGB", (200, 100), "white").save(tmp_path / "img.png")
     path.write_text("".join(json.dumps({"image": "img.png", "phrase": f"the {c} circle",
@@ -257,13 +258,21 @@ def test_training_and_evaluation_on_grounding_rows(tmp_path, qwen3_dir):
     train.main(["--model", qwen3_dir, "--dataset", str(path), "--output_dir", str(out),
                 "--max_steps", "2", "--prompts_per_step", "2", "--num_generations", "2",
                 "--max_completion_length", "12", "--max_pixels", str(32 * 32 * 16),
-                "--lora_r", "4", "--lora_alpha", "8", "--cpu_threads", "1"])
+                "--lora_r", "4", "--lora_alpha", "8", "--cpu_threads", "1",
+                "--compile_decode", "--compile_backend", "eager"])  # a cache of the rows' length
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and "rewards/iou/mean" in metrics[0]
-    summary = evaluation.main(["--model", qwen3_dir, "--adapter", str(out / "checkpoint-2"),
-                               "--dataset", str(path), "--output_dir", str(tmp_path / "e"),
-                               "--max_new_tokens", "12", "--max_pixels", str(32 * 32 * 16)])
+    args = ["--model", qwen3_dir, "--adapter", str(out / "checkpoint-2"), "--dataset",
+            str(path), "--max_new_tokens", "12", "--max_pixels", str(32 * 32 * 16)]
+    summary = evaluation.main([*args, "--output_dir", str(tmp_path / "e")])
     assert summary["n"] == 4 and "Acc@0.5" in summary["scores"]
+    # The static cache sized from the rows' visual tokens in 32-pixel units: the same answers.
+    compiled = evaluation.main([*args, "--output_dir", str(tmp_path / "c"), "--compile_decode",
+                                "--compile_backend", "eager"])
+    assert compiled["scores"] == summary["scores"]
+    answers = [[json.loads(l)["response"] for l in (tmp_path / d / "predictions.jsonl")
+                .read_text().splitlines()] for d in ("e", "c")]
+    assert answers[0] == answers[1]
 
 
 @pytest.mark.slow
