@@ -118,8 +118,9 @@ def answer_of(example):
 def answer_completion(example, answer=None):
     """A completion in the answer format with an empty thought: `</think> <answer> X </answer>`
     (the gold answer unless `answer` is given), opened with <think> when the prompt does not end
-    with it (a chat prompt). What --objective sft trains on, and the demo's format warm-up."""
-    opening = "" if example["prompt"].endswith("<think>") else "<think> "
+    with it (an Instruct model's chat prompt; a Thinking model's ends with "<think>\n"). What
+    --objective sft trains on, and the demo's format warm-up."""
+    opening = "" if example["prompt"].rstrip().endswith("<think>") else "<think> "
     answer = answer_of(example) if answer is None else answer
     return f"{opening}</think> <answer> {answer} </answer>"
 

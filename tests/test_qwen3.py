@@ -305,3 +305,35 @@ def test_a_qwen3_vl_model_plans_with_its_patches_and_deepstack(qwen3_dir, tmp_pa
                               "--micro_batch_size", "2", "--max_pixels", str(32 * 32 * 16)])
     result = memory.plan_run(cfg, train.micro_batch_loss)
     assert result["fits"] and result["phases"]["generation"] > result["fixed_gib"]["weights"]
+
+
+def test_a_thinking_models_prompt_opens_the_thought(qwen3_dir):
+    """A Qwen3-VL Thinking checkpoint's template ends its generation prompt with "<think>\\n":
+    the completion continues the thought, as after the paper's r1 prompt."""
+    import rewards
+
+    prompt = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>q<|im_end|>\n" \
+             "<|im_start|>assistant\n<think>\n"
+    example = {"prompt": prompt, "task_type": "choice", "answer": "red"}
+    completion = data.answer_completion(example)
+    assert completion == "</think> <answer> red </answer>"
+    assert rewards.format_reward(completion, example) == 1.0
+    instruct = {**example, "prompt": prompt[:-len("<think>\n")]}
+    assert rewards.format_reward(completion, instruct) == 0.0  # its thought was never opened
+    assert data.answer_completion(instruct) == "<think> " + completion
+
+
+def test_qlora_keeps_the_vision_tower_unquantised_and_trains(qwen3_dir):
+    import bitsandbytes as bnb
+
+    model = models.load_base_model(qwen3_dir, CPU, load_in_4bit=True)
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(".language_model." in n for n in four_bit)
+    model = randomise_lora(models.add_lora(model, r=4, alpha=8))
+    processor = models.load_processor(qwen3_dir)
+    batch = fixed_rollout(processor, chat_examples(processor, [(64, 64), (96, 64)]))
+    model.train()
+    (policy.token_logps(model, batch) * batch.completion_mask).sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
