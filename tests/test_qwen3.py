@@ -337,3 +337,37 @@ def test_qlora_keeps_the_vision_tower_unquantised_and_trains(qwen3_dir):
     grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_loss_and_gradients_do_not_depend_on_the_micro_batch_size(qwen3_dir, tmp_path,
+                                                                   train_vision):
+    """With the tower trained, each micro-batch runs it again on its own images (DeepStack's
+    layers included); frozen, the generation's features serve every pass."""
+    cfg = train.parse_config(["--model", qwen3_dir, "--output_dir", str(tmp_path), "--lora_r",
+                              "4", "--lora_alpha", "8", "--beta", "0.04",
+                              "--no-gradient_checkpointing", "--cpu_threads", "1"]
+                             + ["--train_vision"] * train_vision)
+    model = randomise_lora(train.load_model(cfg, CPU))
+    processor = models.load_processor(qwen3_dir)
+    examples = chat_examples(processor, [(64, 64), (128, 96), (96, 64)])
+    torch.manual_seed(0)
+    batch, _ = generate(model, processor, examples,
+                        policy.generation_config(processor, max_new_tokens=4), group_size=2)
+    assert (batch.image_features is None) == train_vision
+    batch.advantages = torch.tensor([1.5, -0.5, 0.3, -1.0, 0.7, -0.2])
+    train.add_old_and_ref_logps(model, batch, cfg)
+
+    def gradients(size):
+        model.zero_grad(set_to_none=True)
+        loss, _ = train.accumulate_gradients(
+            model, batch, train.dataclasses.replace(cfg, micro_batch_size=size), len(batch),
+            batch.completion_mask.sum())
+        return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    whole_loss, whole = gradients(6)
+    assert any(g.abs().sum() > 0 for g in whole)
+    for size in (2, 4):  # 4: a micro-batch that cuts a group in two
+        loss, grads = gradients(size)
+        assert loss == pytest.approx(whole_loss, rel=1e-5, abs=1e-7), size
+        for a, b in zip(grads, whole):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
