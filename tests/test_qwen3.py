@@ -371,3 +371,33 @@ def test_loss_and_gradients_do_not_depend_on_the_micro_batch_size(qwen3_dir, tmp
         assert loss == pytest.approx(whole_loss, rel=1e-5, abs=1e-7), size
         for a, b in zip(grads, whole):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_resumed_run_gives_the_metrics_of_a_straight_one(qwen3_dir, tmp_path):
+    """4 steps straight, and the same run resumed from its step-2 checkpoint (the later steps'
+    checkpoint gone, as after a kill): the same metrics, step by step."""
+    import shutil
+
+    reward_file = tmp_path / "length.py"  # a random model never earns accuracy: a signal
+    reward_file.write_text("def length(completion, example):\n    return len(completion) / 10\n")
+    straight = tmp_path / "straight"
+    args = ["--model", qwen3_dir, "--dataset", "synthetic", "--dataset_limit", "32",
+            "--synthetic_image_size", "64", "--num_generations", "2", "--prompts_per_step", "2",
+            "--micro_batch_size", "2", "--max_completion_length", "5", "--lora_r", "4",
+            "--lora_alpha", "8", "--learning_rate", "1e-2", "--beta", "0.04",
+            "--reward_funcs", "format", f"{reward_file}:length", "--max_steps", "4",
+            "--save_steps", "2", "--cpu_threads", "1"]
+    train.main([*args, "--output_dir", str(straight)])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    train.main([*args, "--output_dir", str(resumed), "--resume"])
+
+    def metrics(out):
+        return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    a, b = metrics(straight), metrics(resumed)
+    assert (resumed / "checkpoint-4").is_dir()  # trained again from step 2
+    assert [m["step"] for m in b] == [1, 2, 3, 4] and a[-1]["kl"] > 0
+    for x, y in zip(a, b):
+        for key in ("reward", "loss", "kl", "grad_norm", "learning_rate"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (x["step"], key)
