@@ -276,15 +276,17 @@ def test_training_and_evaluation_on_grounding_rows(tmp_path, qwen3_dir):
 
 
 @pytest.mark.slow
-def test_the_demo_command_on_the_tiny_qwen3_vl(tmp_path):
+@pytest.mark.parametrize("name, family", [("demo-qwen3-vl", "qwen3_vl"),
+                                          ("demo-qwen2.5-vl", "qwen2_5_vl")])
+def test_the_demo_command_on_a_tiny_model_of_the_family(tmp_path, name, family):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--demo", "--model", "demo-qwen3-vl",
+        [sys.executable, str(ROOT / "train.py"), "--demo", "--model", name,
          "--output_dir", str(out), "--max_steps", "2", "--save_steps", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "demo-base" / "config.json").read_text())
-    assert config["model_type"] == "qwen3_vl"
+    assert config["model_type"] == family
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert metrics[0]["rewards/format/mean"] > 0.5  # the warm-up taught it the answer format
