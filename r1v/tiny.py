@@ -80,7 +80,6 @@ ARCHITECTURES = {  # config class, text (hidden, intermediate, layers, heads, KV
 }
 
 
-
 def qwen3vl_config(tok, hidden, intermediate, layers, heads, kv_heads, head_dim, mrope_section,
                    vision, rope_theta=5e6, vocab_size=None, tied=True):
     """A Qwen3-VL config around `tok`'s special tokens (or a dict of their ids): the text model
