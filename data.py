@@ -51,30 +51,33 @@ def question_of(fields):
 @dataclasses.dataclass(frozen=True)
 class View:
     """How the model sees a row: the image's pixel budget, the prompt (a template holding
-    `{question}`) and the frame its boxes are written in (r1v/grounding.py)."""
+    `{question}`), the frame its boxes are written in (r1v/grounding.py) and the pixels per side
+    of one of its visual tokens (model.patch_factor)."""
     min_pixels: int = rows.MIN_PIXELS
     max_pixels: int = rows.MAX_PIXELS
     template: str = PROMPT_TEMPLATE
     frame: str = "pixels"
+    patch_factor: int = rows.PATCH_FACTOR
 
     def prompt(self, question):
         return self.template.replace("{question}", question)  # a chat template has braces too
 
 
 def model_view(config, processor, prompt_format, min_pixels, max_pixels):
-    """How a model sees a row: the paper's r1 prompt, or (chat; auto for Qwen2.5-VL, released
-    as Instruct models only) its chat template around the image and question; its box frame."""
+    """How a model sees a row: the paper's r1 prompt, or (chat; auto for Qwen2.5-VL and
+    Qwen3-VL, released as Instruct models only) its chat template around the image and question;
+    its box frame and visual token size."""
     family = config.model_type
-    chat = prompt_format == "chat" or (prompt_format == "auto" and family == "qwen2_5_vl")
+    chat = prompt_format == "chat" or (prompt_format == "auto" and family in model.CHAT_FAMILIES)
     return View(min_pixels, max_pixels, model.chat_prompt(processor) if chat else PROMPT_TEMPLATE,
-                model.BOX_FRAMES[family])
+                model.BOX_FRAMES[family], model.patch_factor(config))
 
 
 def make_example(image, fields, rng, view=View()):
     """Validate one row and build its example dict as `view` says. `rng` shuffles the options
     (None: keep them in order)."""
     task = rows.check_fields(fields, image.size)
-    fitted = rows.fit_image(image, view.min_pixels, view.max_pixels)
+    fitted = rows.fit_image(image, view.min_pixels, view.max_pixels, view.patch_factor)
     example = {"image": fitted, "task_type": task}
     if task == "choice":
         choices = list(fields["choices"])
@@ -115,8 +118,9 @@ def answer_of(example):
 def answer_completion(example, answer=None):
     """A completion in the answer format with an empty thought: `</think> <answer> X </answer>`
     (the gold answer unless `answer` is given), opened with <think> when the prompt does not end
-    with it (a chat prompt). What --objective sft trains on, and the demo's format warm-up."""
-    opening = "" if example["prompt"].endswith("<think>") else "<think> "
+    with it (an Instruct model's chat prompt; a Thinking model's ends with "<think>\n"). What
+    --objective sft trains on, and the demo's format warm-up."""
+    opening = "" if example["prompt"].rstrip().endswith("<think>") else "<think> "
     answer = answer_of(example) if answer is None else answer
     return f"{opening}</think> <answer> {answer} </answer>"
 

@@ -21,6 +21,9 @@ import data
 from r1v import grounding, model, policy, synthetic, tiny
 
 MODEL = "demo"  # --model demo: build the tiny model into OUTPUT_DIR/demo-base (or reuse it)
+# The demo's model names and the family each builds (None: Qwen2-VL for multiple choice,
+# Qwen2.5-VL for grounding): the same demo on the newer families.
+MODELS = {MODEL: None, "demo-qwen2.5-vl": "qwen2_5_vl", "demo-qwen3-vl": "qwen3_vl"}
 # The demos' settings (README "The demo" says why each); flags given on the command line win.
 DEMO = dict(model=MODEL, dataset="synthetic", synthetic_tasks=["background"],
             synthetic_image_size=56, dataset_limit=5000, num_generations=8, prompts_per_step=16,
@@ -77,36 +80,37 @@ def warm_up_format(folder, examples, steps=100, batch_size=16, lr=3e-3, seed=0):
     return loss.item()
 
 
-def build_untrained(folder, seed, tasks, weights=True):
-    """The demo's tiny random model, tokenizer and processor, before the warm-up: a Qwen2-VL for
-    multiple choice, a Qwen2.5-VL (pixel boxes, chat prompt) for grounding (weights=False: its
-    config and processor, all a prompt's length needs)."""
+def build_untrained(folder, seed, tasks, weights=True, family=None):
+    """The demo's tiny random model, tokenizer and processor, before the warm-up: of `family`, or
+    a Qwen2-VL for multiple choice, a Qwen2.5-VL (pixel boxes, chat prompt) for grounding
+    (weights=False: its config and processor, all a prompt's length needs)."""
     grounding_tasks = synthetic.synthetic_task_type(tasks) != "choice"
+    family = family or ("qwen2_5_vl" if grounding_tasks else "qwen2_vl")
+    # Only JSON boxes need whitespace as tokens: a choice answer then fits the demo's 8 tokens.
     return str(tiny.build_tiny_model(folder, synthetic_vocabulary(grounding_tasks), seed=seed,
-                                     family="qwen2_5_vl" if grounding_tasks else "qwen2_vl",
-                                     weights=weights))
+                                     family=family, weights=weights, exact=grounding_tasks))
 
 
 @contextlib.contextmanager
 def model_files(name, seed, tasks):
-    """`name`; for the demo's model, which its run builds only after every check, a temporary
-    folder with its config and processor (build_untrained): all a prompt's length or the
-    memory plan needs."""
-    if name != MODEL:
+    """`name`; for a demo's model (MODELS), which its run builds only after every check, a
+    temporary folder with its config and processor (build_untrained): all a prompt's length or
+    the memory plan needs."""
+    if name not in MODELS:
         yield name
         return
     with tempfile.TemporaryDirectory() as folder:
-        yield build_untrained(folder, seed, tasks, weights=False)
+        yield build_untrained(folder, seed, tasks, weights=False, family=MODELS[name])
 
 
-def build_demo_model(folder, seed, tasks, image_size):
-    """The demo's base model: tiny, random, then warmed up (see `warm_up_format`); a Qwen2-VL for
-    multiple choice, a Qwen2.5-VL (pixel boxes, chat prompt) for grounding. Reused if `folder`
-    already holds one, so a resumed demo starts from the same base."""
+def build_demo_model(folder, seed, tasks, image_size, family=None):
+    """The demo's base model: tiny, random, then warmed up (see `warm_up_format`); of `family`,
+    or a Qwen2-VL for multiple choice, a Qwen2.5-VL (pixel boxes, chat prompt) for grounding.
+    Reused if `folder` already holds one, so a resumed demo starts from the same base."""
     folder = Path(folder)
     done = folder / "demo_base.json"
     if not done.is_file():
-        build_untrained(folder, seed, tasks)
+        build_untrained(folder, seed, tasks, family=family)
         # Warm-up rows come from another seed than the training rows.
         view = data.model_view(model.load_config(str(folder)), model.load_processor(str(folder)),
                                "auto", 0, image_size * image_size)

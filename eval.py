@@ -99,15 +99,15 @@ def score(rows):
 def load_items(cfg):
     """The data, read and checked before any model (CV-Bench's rows as they are used): a
     function that prompts and frames its items as a model's view says, its content's
-    fingerprint (a JSONL file's hash; a hub dataset's own) and, per row, its question and
-    visual tokens (CV-Bench's: at most --max_pixels')."""
+    fingerprint (a JSONL file's hash; a hub dataset's own) and a function of the view giving,
+    per row, its question and visual tokens (CV-Bench's: at most --max_pixels')."""
     source = cfg.dataset or {"cvbench": hub.CVBENCH, "sat": "array/SAT",
                              **hub.REFCOCO}[cfg.benchmark]
     if cfg.benchmark == "cvbench":
         table = hub.read_cvbench(source, cfg.limit)
-        most = cfg.max_pixels // rows.PATCH_FACTOR**2
         return ((lambda view: hub.cvbench_items(table, source, view)), table._fingerprint,
-                [(question, most) for question in table["prompt"]])
+                lambda view: [(question, cfg.max_pixels // view.patch_factor**2)
+                              for question in table["prompt"]])
     synthetic = cfg.benchmark == "synthetic"  # the demo's rows: 200 unless --limit says
     examples = data.load_examples(source, cfg.split, cfg.limit or 200 * synthetic, cfg.seed,
                                   data.View(cfg.min_pixels, cfg.max_pixels), "--dataset",
@@ -117,7 +117,8 @@ def load_items(cfg):
                   (",".join(cfg.synthetic_tasks), examples.name) if synthetic else
                   (cfg.split, cfg.benchmark))
     return ((lambda view: eval_items(examples.shown_as(view), task, name)), examples.fingerprint,
-            prompt_rows)
+            lambda view: prompt_rows if view.patch_factor == rows.PATCH_FACTOR  # else Qwen3-VL's
+            else rows.check_rows(examples.shown_as(view)))
 
 
 def load_done(out, record):
@@ -151,11 +152,12 @@ def load_for_eval(cfg, device):
 
 def compiled_decoder(cfg, tuned, processor, view, prompt_rows, items):
     """--compile_decode: one static KV cache for every batch (--batch_size prompts x the
-    longest prompt + --max_new_tokens) and the decode step compiled once; else None."""
+    longest prompt + --max_new_tokens) and the decode step compiled once; else None.
+    `prompt_rows(view)`: each row's question and visual tokens (load_items)."""
     if not cfg.compile_decode:
         return None
-    longest = rows.check_prompt_lengths(processor.tokenizer, prompt_rows, "--dataset", view,
-                                        float("inf"))
+    longest = rows.check_prompt_lengths(processor.tokenizer, prompt_rows(view), "--dataset",
+                                        view, float("inf"))
     decoder = decode.Decoder(tuned, min(cfg.batch_size, items), longest + cfg.max_new_tokens,
                              True, cfg.compile_backend)
     tqdm.write(decoder.describe())

@@ -4,8 +4,8 @@
 "<think>", so it does not include that tag; a chat prompt does not); `example` is the dataset row
 (data.py): `answer` is the gold option text, `choices` the options. The grounding rewards read
 boxes [x1, y1, x2, y2] in the frame the model answers in (pixels of the resized image for
-Qwen2.5-VL, 0-1000 for Qwen2-VL; data.py converts): `iou` reads `box` (one box, referring
-expressions), `detection` reads `boxes` (a list of {"bbox_2d": [...], "label": str},
+Qwen2.5-VL, 0-1000 for Qwen2-VL and Qwen3-VL; data.py converts): `iou` reads `box` (one box,
+referring expressions), `detection` reads `boxes` (a list of {"bbox_2d": [...], "label": str},
 open-vocabulary detection).
 
 Adding a reward is a function and a line:
@@ -35,8 +35,9 @@ FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 
 def format_reward(completion, example):
     """1.0 if the answer is exactly `<think>...</think> <answer>...</answer>`. The "<think>" the
-    paper's prompt ends with counts as written; a chat prompt ends without it."""
-    forced = "<think>" if example.get("prompt", "<think>").endswith("<think>") else ""
+    paper's prompt (or a Thinking model's chat prompt, "<think>\n") ends with counts as written;
+    an Instruct model's chat prompt ends without it."""
+    forced = "<think>" if example.get("prompt", "<think>").rstrip().endswith("<think>") else ""
     return 1.0 if FORMAT_RE.fullmatch(forced + completion) else 0.0
 
 

@@ -315,6 +315,10 @@ def see_as(name, run, cfg, prompt_rows, held_rows):
     run.processor = models.load_processor(name)
     run.view = data.model_view(config, run.processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
+    if run.view.patch_factor != rows.PATCH_FACTOR:  # Qwen3-VL: its images' tokens counted again
+        prompt_rows = rows.check_rows(run.dataset.shown_as(run.view))
+        held_rows = held_rows and rows.check_rows(run.held_out.shown_as(run.view),
+                                                  "checking held-out rows")
     lengths = [rows.check_prompt_lengths(run.processor.tokenizer, prompt_rows, run.dataset.name,
                                          run.view, cfg.max_prompt_length)]
     if held_rows:
@@ -350,10 +354,10 @@ def load_policy(run, cfg, procs, prompt_rows):
     shown as it sees them, a fresh LoRA adapter (the same on every process), the decoder."""
     set_seed(cfg.seed)  # the same on every process: the same fresh adapter
     name = cfg.model
-    if cfg.model == demo.MODEL:
+    if cfg.model in demo.MODELS:
         with procs.accelerator.main_process_first():  # built once, then found by the others
             name = demo.build_demo_model(run.out / "demo-base", cfg.seed, cfg.synthetic_tasks,
-                                         cfg.synthetic_image_size)
+                                         cfg.synthetic_image_size, demo.MODELS[cfg.model])
         see_as(name, run, cfg, *prompt_rows)
     run.dataset.shown_as(run.view)
     run.model, run.eos_ids = load_model(cfg, procs.device, name), models.eos_ids(name,

@@ -189,8 +189,10 @@ def faked(mode, rollout, model, with_features=True):
             mm_token_type_ids=inputs["mm_token_type_ids"])[0]                  # (3, N, P+C)
     fake.positions = mode.from_tensor(positions)
     hidden = model.config.get_text_config().hidden_size
-    if with_features:
-        shared = {key: torch.empty(n, hidden, dtype=torch.bfloat16) for key, n in tokens.items()}
+    layers = 1 + len(getattr(model.config.vision_config, "deepstack_visual_indexes", ()))
+    if with_features:  # as policy.image_features leaves them: (1 + L, tokens_i, H)
+        shared = {key: torch.empty(layers, n, hidden, dtype=torch.bfloat16)
+                  for key, n in tokens.items()}
         fake.image_features = [shared[id(t)] for t in rollout.images]
     return fake
 
@@ -198,11 +200,14 @@ def faked(mode, rollout, model, with_features=True):
 def on_real_grid(function, mode):
     """`function` of the vision tower's helpers, run on the real image grid (a fake constant's
     value): they index by data-dependent masks, which fake tensors cannot. What it returns is
-    made fake constants, whose values later steps read (window and sequence lengths)."""
+    made fake constants, whose values later steps read (window and sequence lengths); each a
+    tensor of its own, not a view (a view's base would be made fake without its values)."""
     def run(grid, *args, **kwargs):
         with unset_fake_temporarily():
             out = function(grid.constant if isinstance(grid, FakeTensor) else grid, *args,
                            **kwargs)
+            out = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t: t.clone() if t._is_view() else t, out)
         return torch.utils._pytree.tree_map_only(
             torch.Tensor, lambda t: mode.fake_tensor_converter.from_real_tensor(
                 mode, t, make_constant=True), out)
@@ -210,7 +215,16 @@ def on_real_grid(function, mode):
 
 
 VISION_HELPERS = ("get_vision_position_ids", "get_vision_attention_seqlens",
-                  "get_vision_window_index")
+                  "get_vision_window_index", "get_vision_interpolation_indices_and_weights")
+
+
+def deepstack_added(self, hidden_states, visual_pos_masks, visual_embeds):
+    """Qwen3-VL's DeepStack addition without its boolean indexing, whose output shape depends on
+    the mask's values (fake tensors cannot run it): the same sum, through a temporary of the
+    hidden states' size, as the clone the original makes."""
+    mask = visual_pos_masks.to(hidden_states.device)[..., None]
+    embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+    return hidden_states + torch.zeros_like(hidden_states).masked_scatter(mask, embeds)
 
 
 @contextlib.contextmanager
@@ -228,9 +242,15 @@ def given_positions(model, mode):
     for name in VISION_HELPERS:
         if name in kept:
             setattr(modeling, name, on_real_grid(kept[name], mode))
+    text_model = type(inner.language_model)
+    deepstack = getattr(text_model, "_deepstack_process", None)  # Qwen3-VL's
+    if deepstack:
+        text_model._deepstack_process = deepstack_added
     try:
         yield positions
     finally:
         type(inner).compute_3d_position_ids = compute
+        if deepstack:
+            text_model._deepstack_process = deepstack
         for name, function in kept.items():
             setattr(modeling, name, function)

@@ -15,8 +15,9 @@ from r1v.rows import MAX_PIXELS, MIN_PIXELS
 @dataclass
 class ModelFlags:
     """The flags train.py's and eval.py's configs share: the model, and how it sees images."""
-    model: str = flag("Qwen/Qwen2-VL-2B", "hub id or local folder of a Qwen2-VL or Qwen2.5-VL "
-                      "base model (train.py: 'demo' builds the tiny offline one)")
+    model: str = flag("Qwen/Qwen2-VL-2B", "hub id or local folder of a Qwen2-VL, Qwen2.5-VL or "
+                      "Qwen3-VL model (train.py: 'demo' builds the tiny offline one; "
+                      "'demo-qwen3-vl', 'demo-qwen2.5-vl' one of that family)")
     min_pixels: int = flag(MIN_PIXELS, "smaller images are upscaled", min=1)
     max_pixels: int = flag(MAX_PIXELS, "larger images are downscaled (512 tokens)", min=1)
     prompt_format: str = flag("auto", "r1: the paper's base-model prompt; chat: the checkpoint's "

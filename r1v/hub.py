@@ -142,7 +142,7 @@ def cvbench_items(ds, source, view):
             raise ValueError(f"the answer {row['answer']!r} names none of the "
                              f"{len(row['choices'])} choices")
         image = stored.fit_image(stored.decode_image(row["image"]), view.min_pixels,
-                                 view.max_pixels)
+                                 view.max_pixels, view.patch_factor)
         return {"id": f"{row.get('type', '')}-{row['idx']}", "task": row["task"],
                 "source": row["source"], "image": image, "task_type": "choice",
                 "prompt": view.prompt(row["prompt"]), "choices": list(row["choices"]),

@@ -35,14 +35,15 @@ def worst_case_rollout(config, prompts, group_size, completion_tokens, min_pixel
     """The real (CPU) Rollout of B prompts x G completions at the worst case: each prompt an
     image at --max_pixels and `text_tokens` of text, each completion its full length."""
     side = math.isqrt(max_pixels)
-    width, height = rows.fitted_size(side, side, min_pixels, max_pixels)
-    grid = [1, height // 14, width // 14]  # 14-pixel patches, merged 2x2 into visual tokens
+    patch = config.vision_config.patch_size  # 14 pixels; Qwen3-VL's 16
+    width, height = rows.fitted_size(side, side, min_pixels, max_pixels, 2 * patch)
+    grid = [1, height // patch, width // patch]  # patches, merged 2x2 into visual tokens
     visual = grid[1] * grid[2] // 4
     ids = ([config.vision_start_token_id] + [config.image_token_id] * visual
            + [config.vision_end_token_id] + [1000] * text_tokens)  # 1000: a word, any
     N = prompts * group_size
     prompt_ids = torch.tensor([ids] * N)                                       # (N, P)
-    patches = torch.zeros(grid[1] * grid[2], 3 * 2 * 14 * 14)  # fp32, as the processor's
+    patches = torch.zeros(grid[1] * grid[2], 3 * 2 * patch * patch)  # fp32, as the processor's
     images = [torch.zeros_like(patches) for _ in range(prompts)]
     return policy.Rollout(
         prompt_ids, torch.ones_like(prompt_ids), (prompt_ids == config.image_token_id).long(),

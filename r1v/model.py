@@ -15,9 +15,11 @@ from r1v.cli import UserError, user_error
 # with the same projection names (Qwen2.5-VL's) is never touched.
 LM_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # The families, by their config's model_type, and the frame each answers boxes in: Qwen2.5-VL
-# in pixels of the image it sees, Qwen2-VL in 0-1000 (REFERENCE 6, 9). Both have the same
-# module names (model.visual, model.language_model, lm_head) and image inputs.
-BOX_FRAMES = {"qwen2_vl": "norm1000", "qwen2_5_vl": "pixels"}
+# in pixels of the image it sees, Qwen2-VL and Qwen3-VL in 0-1000 (REFERENCE 6, 9, 11). All
+# have the same module names (model.visual, model.language_model, lm_head) and image inputs.
+BOX_FRAMES = {"qwen2_vl": "norm1000", "qwen2_5_vl": "pixels", "qwen3_vl": "norm1000"}
+# Released as Instruct (and Thinking) models only: prompted through their chat template.
+CHAT_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 PROMPT_FORMATS = ("auto", "r1", "chat")
 VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # Keys of a config.json that a run, a plan and an evaluation read: one missing would take
@@ -70,8 +72,15 @@ def load_config(name, flag="--model"):
         and k not in raw["vision_config"]]
     if missing:
         raise UserError(f"{flag} {name!r}: its config.json lacks {', '.join(missing)}; give "
-                        "the folder of a whole Qwen2-VL or Qwen2.5-VL checkpoint")
+                        "the folder of a whole Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint")
     return config
+
+
+def patch_factor(config):
+    """Pixels per side of one visual token: the patch, merged 2x2 (28 for Qwen2-VL and
+    Qwen2.5-VL's 14-pixel patches, 32 for Qwen3-VL's 16-pixel ones)."""
+    vision = config.vision_config
+    return vision.patch_size * vision.spatial_merge_size
 
 
 def parameter_shapes(config):
@@ -215,7 +224,7 @@ def apply_liger_kernels(model):
         module.apply_rotary_pos_emb = liger_rotary_pos_emb
     patched = 0
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):      # Qwen2VLRMSNorm, Qwen2_5_VLRMSNorm
+        if type(module).__name__.endswith("RMSNorm"):      # Qwen2VLRMSNorm, Qwen3VLTextRMSNorm
             liger._patch_rms_norm_module(module)
         elif isinstance(module, torch.nn.LayerNorm):          # Qwen2-VL's vision tower
             liger._patch_layer_norm_module(module)

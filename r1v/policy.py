@@ -48,25 +48,30 @@ def vision_trainable(model):
 
 
 def image_features(model, images, image_grid_thw):
-    """The vision tower's output (tokens_i, H) for each image, computed once per distinct image
-    tensor (detail 12)."""
+    """The vision tower's output (1 + L, tokens_i, H) for each image, computed once per distinct
+    image tensor (detail 12): the merged features, then Qwen3-VL's L DeepStack layers' (added to
+    the first L language-model layers; L = 0 for Qwen2-VL and Qwen2.5-VL)."""
     base = base_of(model)
     first = {}                               # id of an image tensor -> the first slot showing it
     for slot, image in enumerate(images):
         first.setdefault(id(image), slot)
     slots = list(first.values())
     grids = image_grid_thw[torch.tensor(slots, device=image_grid_thw.device)]  # (images, 3)
-    features = base.model.get_image_features(torch.cat([images[s] for s in slots]),
-                                             grids).pooler_output
+    out = base.model.get_image_features(torch.cat([images[s] for s in slots]), grids)
+    layers = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+    features = [torch.stack(per_layer) for per_layer in zip(*layers)]  # (1 + L, tokens_i, H)
     found = {id(images[s]): f for s, f in zip(slots, features)}
     return [found[id(image)] for image in images]
 
 
 def encoder_outputs(features):
     """Image features as the forward and generate take them instead of pixels (detail 12)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        BaseModelOutputWithDeepstackFeatures)
 
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+    layers = [tuple(f[i] for f in features) for i in range(features[0].shape[0])]
+    return {"image": BaseModelOutputWithDeepstackFeatures(  # Qwen2-VL reads pooler_output only
+        pooler_output=layers[0], deepstack_features=layers[1:] or None)}
 
 
 @dataclasses.dataclass
@@ -80,7 +85,7 @@ class Rollout:
     images_per_seq: torch.Tensor     # (N,)
     completion_ids: torch.Tensor     # (N, C)
     completion_mask: torch.Tensor    # (N, C) up to and including the first EOS (grpo.py)
-    image_features: list = None      # like `images`, the features (tokens_i, H) of a frozen tower
+    image_features: list = None      # like `images`, (1 + L, tokens_i, H) of a frozen tower
     advantages: torch.Tensor = None  # (N,)
     old_logp: torch.Tensor = None    # (N, C) the sampling policy's, when num_iterations > 1
     ref_logp: torch.Tensor = None    # (N, C) the reference's, when beta != 0
@@ -221,7 +226,7 @@ def generate(model, processor, examples, gen_config, group_size=1, max_prompt_le
 
 def completion_hidden(model, rollout):
     """Final hidden states at the positions that predict the completion tokens (n, C, H), and
-    the output projection (V, H). `model` is a peft model or a plain Qwen2-VL."""
+    the output projection (V, H). `model` is a peft model or a plain Qwen-VL."""
     base = base_of(model)
     features = rollout.image_features or image_features(model, rollout.images,
                                                         rollout.image_grid_thw)

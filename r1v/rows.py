@@ -21,7 +21,7 @@ from tqdm import tqdm
 from r1v import grounding
 from r1v.cli import UserError
 
-PATCH_FACTOR = 28  # one LLM token per 28x28 pixels (14-pixel patches, merged 2x2)
+PATCH_FACTOR = 28  # one LLM token per 28x28 pixels (14-pixel patches, merged 2x2); Qwen3-VL: 32
 MIN_PIXELS, MAX_PIXELS = 3136, 401408  # the paper's: at least 4, at most 512 visual tokens
 # What reading a bad file raises: OSError, and ValueError (the image library's errors become one).
 READ_ERRORS = (OSError, ValueError)
@@ -39,25 +39,26 @@ def task_type(fields):
                      + "; ".join(f"{t}: {list(n)}" for t, n in TASK_FIELDS.items()))
 
 
-def fitted_size(width, height, min_pixels, max_pixels):
-    """(width, height) after resizing: aspect kept, sides multiples of 28, area in [min, max]."""
+def fitted_size(width, height, min_pixels, max_pixels, factor=PATCH_FACTOR):
+    """(width, height) after resizing: aspect kept, sides multiples of `factor` (a visual
+    token's side), area in [min, max]."""
     try:
-        height, width = smart_resize(height, width, PATCH_FACTOR, min_pixels, max_pixels)
+        height, width = smart_resize(height, width, factor, min_pixels, max_pixels)
     except ValueError as e:  # e.g. a side over 200 times the other: the processor's limit
         raise ValueError(f"a {width}x{height} image is not one the model takes ({e})") from e
     return width, height
 
 
-def image_tokens(width, height, min_pixels, max_pixels):
+def image_tokens(width, height, min_pixels, max_pixels, factor=PATCH_FACTOR):
     """How many visual tokens the model sees for an image of this size."""
-    width, height = fitted_size(width, height, min_pixels, max_pixels)
-    return (width // PATCH_FACTOR) * (height // PATCH_FACTOR)
+    width, height = fitted_size(width, height, min_pixels, max_pixels, factor)
+    return (width // factor) * (height // factor)
 
 
-def fit_image(image, min_pixels, max_pixels):
+def fit_image(image, min_pixels, max_pixels, factor=PATCH_FACTOR):
     """RGB, resized as `fitted_size` says."""
     image = image.convert("RGB")
-    size = fitted_size(image.width, image.height, min_pixels, max_pixels)
+    size = fitted_size(image.width, image.height, min_pixels, max_pixels, factor)
     return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
@@ -191,9 +192,11 @@ class Examples(Rows):
         self.file_size = functools.lru_cache(maxsize=4096)(verified_size)
 
     def shown_as(self, view):
-        """From now on, build rows with `view`'s prompt and box frame, known once the model is
-        (rows are checked before, without them); the pixel budget stays this set's."""
-        self.view = dataclasses.replace(self.view, template=view.template, frame=view.frame)
+        """From now on, build rows with `view`'s prompt, box frame and visual token size, known
+        once the model is (rows are checked before, without them); the pixel budget stays this
+        set's."""
+        self.view = dataclasses.replace(self.view, template=view.template, frame=view.frame,
+                                        patch_factor=view.patch_factor)
         return self
 
     def build(self, i):
@@ -208,7 +211,8 @@ class Examples(Rows):
             size = self.file_size(image) if isinstance(image, Path) else verified_size(image)
             if check_fields(fields, size) != self.task_type:
                 raise ValueError(f"a {task_type(fields)} row among {self.task_type} rows")
-            tokens = image_tokens(*size, self.view.min_pixels, self.view.max_pixels)
+            tokens = image_tokens(*size, self.view.min_pixels, self.view.max_pixels,
+                                  self.view.patch_factor)
         except READ_ERRORS as e:  # image_tokens: an image the model cannot take (its shape)
             raise UserError(f"{self.where(i)}: {e}") from e
         return self.question(fields), tokens
