@@ -37,6 +37,7 @@ def test_benchmark_script_runs_every_variant(tmp_path):
             sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--prompts", str(B),
             "--G", str(G), "--completion_tokens", str(C), "--image_side", "56",
             "--micro_batch_size", "2", "--out", str(tmp_path), "--plan_dir", str(tmp_path),
+            "--cpu_compile", "--compile_backend", "eager",  # the compiled decode, rehearsed
         ],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -44,8 +45,11 @@ def test_benchmark_script_runs_every_variant(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in rows] == list(load_script().VARIANTS)
-    # the plan beside the measured peak: its own variant's, and lora+liger+static's the same
-    assert [r["plan_peak_gib"] for r in rows] == [None, 8.5, None, 8.5, None]
+    # the plan beside the measured peak: its own variant's only
+    assert [r["plan_peak_gib"] for r in rows] == [None, 8.5, None, None, None]
+    # the decode step compiled once, without a break, where the trainer compiles it
+    assert [r.get("decode_compiles") for r in rows] == [1, 1, 0, 1, None]
+    assert [r.get("decode_graph_breaks") for r in rows] == [0, 0, 0, 0, None]
     saved = json.loads((tmp_path / "cpu.json").read_text())
     assert saved == rows and "plan's estimate GiB" in (tmp_path / "cpu.md").read_text()
     for r in rows:
