@@ -9,6 +9,8 @@ token-level aggregation and clip-higher (eps_high > eps_low); Dr. GRPO (arXiv 25
 dropping the std and the constant normaliser.
 """
 
+import math
+
 import torch
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -136,10 +138,11 @@ def policy_loss(logp, old_logp, ref_logp, advantages, completion_mask, beta=0.0,
              "clip_ratio/region_mean": masked_mean(low | high)}
     lengths = mask.sum(1)                                                      # (n,)
     if lengths.any():
-        def per_sequence(x):  # each sequence's fraction of its tokens
-            return ((x & mask).sum(1) / lengths.clamp(min=1))[lengths > 0]    # (n,)
-        stats.update({"clip_ratio/low_min": per_sequence(low).min().item(),
-                      "clip_ratio/high_max": per_sequence(high).max().item()})
+        def per_sequence(x, empty):  # each sequence's fraction of its tokens; `empty` where none
+            fraction = (x & mask).sum(1) / lengths.clamp(min=1)                # (n,)
+            return torch.where(lengths > 0, fraction, empty)  # no mask indexing: fixed shapes
+        stats.update({"clip_ratio/low_min": per_sequence(low, math.inf).min().item(),
+                      "clip_ratio/high_max": per_sequence(high, -math.inf).max().item()})
     return loss, stats
 
 

@@ -161,10 +161,9 @@ def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion
         length = fake.prompt_ids.shape[1] + completion_tokens if static_cache else None
         copies = {} if static_cache else None  # r1v/decode.py keeps the adapter's cast too
         cache = generation(model, fake, positions, prefill_chunk_size, bf16, length, copies)
-        phases["generation"] = tracker.start_phase()
-        decode_step(model, fake, positions, completion_tokens, bf16, cache if length else None,
-                    copies)
-        cache = cache if length else None  # the run's static cache lives on, a growing one not
+        cache = cache if length else None  # the run's static cache lives on; a growing one is
+        phases["generation"] = tracker.start_phase()  # rebuilt whole by decode_step
+        decode_step(model, fake, positions, completion_tokens, bf16, cache, copies)
         phases["decode"] = tracker.start_phase()
         for mb in batches if reference or old_logps else ():
             positions["now"] = mb.positions

@@ -250,3 +250,13 @@ def test_a_plan_checks_its_inputs_before_it_plans(tiny_model_dir, tmp_path, caps
     error = error_of(tiny_model_dir, "--max_completion_length", "1000000")
     assert "1001024 tokens" in error and "32768 positions" in error, error
     assert not (tmp_path / "plan").exists()
+
+
+def test_a_plan_without_liger_runs_the_plain_loss(tiny_model_dir, tmp_path):
+    """--no-use_liger plans grpo.policy_loss on fake tensors: nothing in it may take a shape
+    from the data (a boolean mask's indexing did, and the plan stopped with a traceback)."""
+    result = plan_of(tiny_model_dir, tmp_path, prompts_per_step=2, num_generations=2,
+                     max_completion_length=8, micro_batch_size=2, max_pixels=3136 * 4,
+                     **{"no-use_liger": True})
+    saved = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert saved["settings"]["use_liger"] is False and result["peak_gib"] > 0
