@@ -207,6 +207,9 @@ WATCHED = {"kl": "kl", "loss": "loss", "mean_token_accuracy": "token_accuracy",
            "eval/accuracy": "eval/accuracy", "eval/mAP": "eval/mAP", "step_time": "seconds"}
 
 
+SHORT = {"generation": "gen"}  # the step line stays one terminal line
+
+
 def short_line(row):
     """The few numbers a person watches, of a metrics row (all of them: metrics.jsonl): the
     total reward and each reward's mean, the loss's, and where the step's seconds went."""
@@ -216,7 +219,7 @@ def short_line(row):
     line = f"step {row['step']}: " + " ".join(
         f"{name}={row[k]:{'.3g' if k == 'step_time' else '.4g'}}" for k, name in parts.items()
         if isinstance(row.get(k), (int, float)))
-    phases = {k[5:]: v for k, v in row.items() if k.startswith("time/") and v}
+    phases = {SHORT.get(k[5:], k[5:]): v for k, v in row.items() if k.startswith("time/") and v}
     if phases and isinstance(row.get("step_time"), (int, float)):
         line += " (" + ", ".join(f"{k} {v:.2g}" for k, v in phases.items()) + ")"
     return line
