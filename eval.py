@@ -150,20 +150,6 @@ def load_for_eval(cfg, device):
     return (tuned.merge_and_unload() if cfg.merge_adapter else tuned).eval()
 
 
-def compiled_decoder(cfg, tuned, processor, view, prompt_rows, items):
-    """--compile_decode: one static KV cache for every batch (--batch_size prompts x the
-    longest prompt + --max_new_tokens) and the decode step compiled once; else None.
-    `prompt_rows(view)`: each row's question and visual tokens (load_items)."""
-    if not cfg.compile_decode:
-        return None
-    longest = rows.check_prompt_lengths(processor.tokenizer, prompt_rows(view), "--dataset",
-                                        view, float("inf"))
-    decoder = decode.Decoder(tuned, min(cfg.batch_size, items), longest + cfg.max_new_tokens,
-                             True, cfg.compile_backend)
-    tqdm.write(decoder.describe())
-    return decoder
-
-
 def check_fit(cfg, config):
     """--max_new_tokens within the model's positions, and the --adapter fitting the model (its
     modules, sizes and rank, from the safetensors header): one line each, before it loads."""
@@ -201,7 +187,9 @@ def evaluate(cfg):
             print(f"reusing {len(items) - len(todo)} predictions from {predictions}", flush=True)
         if todo:
             tuned = load_for_eval(cfg, device)
-            decoder = compiled_decoder(cfg, tuned, processor, view, prompt_rows, len(todo))
+            decoder = decode.for_eval(
+                tuned, processor, view, prompt_rows, min(cfg.batch_size, len(todo)),
+                cfg.max_new_tokens, cfg.compile_backend) if cfg.compile_decode else None
             subset = rows.Rows(items.name, len(todo), lambda j: items[todo[j]], items.where)
             with open(predictions, "a") as f, tqdm(total=len(items), desc=cfg.benchmark,
                                                    initial=len(items) - len(todo)) as bar:

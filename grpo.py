@@ -136,14 +136,21 @@ def policy_loss(logp, old_logp, ref_logp, advantages, completion_mask, beta=0.0,
              "clip_ratio/low_mean": masked_mean(low),
              "clip_ratio/high_mean": masked_mean(high),
              "clip_ratio/region_mean": masked_mean(low | high)}
-    lengths = mask.sum(1)                                                      # (n,)
-    if lengths.any():
-        def per_sequence(x, empty):  # each sequence's fraction of its tokens; `empty` where none
-            fraction = (x & mask).sum(1) / lengths.clamp(min=1)                # (n,)
-            return torch.where(lengths > 0, fraction, empty)  # no mask indexing: fixed shapes
-        stats.update({"clip_ratio/low_min": per_sequence(low, math.inf).min().item(),
-                      "clip_ratio/high_max": per_sequence(high, -math.inf).max().item()})
+    if mask.any():
+        stats.update(clip_extremes(low, high, mask))
     return loss, stats
+
+
+def clip_extremes(low, high, mask):
+    """The lowest fraction of a sequence's tokens clipped below and the highest clipped above,
+    over the sequences with a token (policy_loss's equations; `low`, `high`, `mask` (n, C))."""
+    lengths = mask.sum(1)                                                      # (n,)
+
+    def per_sequence(x, empty):  # each sequence's fraction of its tokens; `empty` where none
+        fraction = (x & mask).sum(1) / lengths.clamp(min=1)                    # (n,)
+        return torch.where(lengths > 0, fraction, empty)  # no mask indexing: fixed shapes
+    return {"clip_ratio/low_min": per_sequence(low, math.inf).min().item(),
+            "clip_ratio/high_max": per_sequence(high, -math.inf).max().item()}
 
 
 def completion_mask(completion_ids, eos_ids):

@@ -162,24 +162,3 @@ def own_copy(example):
     image is shared: copying its pixels for every call would cost more than the rewards."""
     image = example.get("image")
     return copy.deepcopy(example, {id(image): image})
-
-
-class FirstErrors:
-    """score_completions' `on_error`: passes each error to `report(name, error)` and keeps each
-    reward's first, to stop a run whose reward raised on every completion of its first step."""
-
-    def __init__(self, report):
-        self.report, self.first = report, {}
-
-    def __call__(self, name, error):
-        self.first.setdefault(name, error)
-        self.report(name, error)
-
-    def check_first_step(self, errors, calls):
-        """`errors` {name: calls that raised} of the first step's `calls` completions."""
-        for name, count in errors.items():
-            if calls and count == calls:
-                error = self.first.get(name)
-                raise UserError(f"reward {name!r} raised on all {calls} completions of the first "
-                                f"step, so it would only ever score 0; its first error: "
-                                f"{type(error).__name__}: {error}")

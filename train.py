@@ -467,7 +467,7 @@ def train(cfg):
         stop = cleanup.enter_context(processes.stop_on_sigint(procs.main))
         gen_config = generation_config(run, cfg)
         report, row, saved, stopping = metrics.report_once(), {}, None, False
-        on_reward_error = rewards.FirstErrors(metrics.on_reward_error(report))
+        on_reward_error = metrics.FirstErrors(metrics.on_reward_error(report))
         for step in tqdm(range(run.start_step + 1, run.max_steps + 1), initial=run.start_step,
                          total=run.max_steps, desc=cfg.objective.upper(), dynamic_ncols=True,
                          disable=not procs.main):

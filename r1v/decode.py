@@ -14,6 +14,7 @@ import functools
 import torch
 from tqdm import tqdm
 
+from r1v import rows
 from r1v.cli import UserError
 from r1v.model import base_of
 
@@ -28,6 +29,17 @@ def check_backend(compile, backend, device):
     if compile and backend == "cudagraphs" and device.type != "cuda":
         raise UserError("--compile_backend cudagraphs needs a CUDA GPU; on a CPU use inductor, "
                         "aot_eager or eager")
+
+
+def for_eval(model, processor, view, prompt_rows, batch_size, new_tokens, backend):
+    """eval.py's --compile_decode: one static KV cache for every batch (`batch_size` prompts x
+    the longest prompt + `new_tokens`) and the decode step compiled once. `prompt_rows(view)`:
+    each row's question and visual tokens (eval.load_items)."""
+    longest = rows.check_prompt_lengths(processor.tokenizer, prompt_rows(view), "--dataset", view,
+                                        float("inf"))
+    decoder = Decoder(model, batch_size, longest + new_tokens, True, backend)
+    tqdm.write(decoder.describe())
+    return decoder
 
 
 def graph_breaks():

@@ -170,6 +170,28 @@ def on_reward_error(report):
     return on_error
 
 
+class FirstErrors:
+    """rewards.score_completions' `on_error`: passes each error to `report(name, error)` and
+    keeps each reward's first, to stop a run whose reward raised on every completion of its
+    first step."""
+
+    def __init__(self, report):
+        self.report, self.first = report, {}
+
+    def __call__(self, name, error):
+        self.first.setdefault(name, error)
+        self.report(name, error)
+
+    def check_first_step(self, errors, calls):
+        """`errors` {name: calls that raised} of the first step's `calls` completions."""
+        for name, count in errors.items():
+            if calls and count == calls:
+                error = self.first.get(name)
+                raise cli.UserError(f"reward {name!r} raised on all {calls} completions of the "
+                                    "first step, so it would only ever score 0; its first error: "
+                                    f"{type(error).__name__}: {error}")
+
+
 def write_logs(out, metrics, scored, samples_every, num_samples, gold_of, group_size):
     """One line to metrics.jsonl (a number that is not finite as null: JSON has no NaN), a short
     one to the terminal; every `samples_every` steps (and the first), the whole groups of the

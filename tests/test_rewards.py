@@ -516,7 +516,7 @@ def test_a_reward_that_raises_on_every_completion_of_the_first_step_stops_the_ru
         return 1.0
 
     reported = []
-    on_error = rewards.FirstErrors(lambda name, e: reported.append(name))
+    on_error = metrics.FirstErrors(lambda name, e: reported.append(name))
     funcs = {"needs_solution": needs_solution, "sometimes": sometimes}
     _, _, errors = rewards.score_completions(["a", "b", "a"], [EX] * 3, funcs,
                                              dict.fromkeys(funcs, 1.0), on_error)
