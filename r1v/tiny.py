@@ -133,10 +133,8 @@ def architecture(name, ids=QWEN_IDS):
 
 # Qwen2.5-VL checkpoints are Instruct models: their prompts go through a chat template. This is
 # Qwen's, without videos and picture numbering.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+# The turns of Qwen's chat templates, without videos and picture numbering.
+CHAT_TURNS = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
@@ -145,19 +143,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (  # Qwen2.5-VL's: a default system message
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}" + CHAT_TURNS)
 CHAT_WORDS = "system You are a helpful assistant. user"  # in the vocabulary: no [UNK] in prompts
 # Qwen3-VL Instruct's: no default system message (a Thinking checkpoint's also opens the
 # assistant's turn with "<think>\n").
-CHAT_TEMPLATE_3 = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE_3 = "{% for message in messages %}" + CHAT_TURNS
 
 
 def save_processor(folder, tok, max_pixels, family="qwen2_vl", chat_template=None):

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 import demo
 import grpo
 from r1v import model as models
-from r1v import policy, synthetic, tiny
+from r1v import policy, tiny
 from r1v.cli import UserError
+from tests.vlm import chat_examples, randomise_lora
 
 CPU = torch.device("cpu")
 
@@ -25,33 +25,10 @@ def qwen25_dir(tmp_path_factory):
     return str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary(), family="qwen2_5_vl"))
 
 
-def randomise_lora(model):
-    """A non-zero adapter (peft starts lora_B at zero), so that disabling it matters."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def lora_model(qwen25_dir):
     lora = randomise_lora(models.add_lora(models.load_base_model(qwen25_dir, CPU), r=4, alpha=8))
     return lora.eval(), models.load_processor(qwen25_dir)
-
-
-def chat_examples(processor, sizes):
-    """Prompts built with the chat template, one image each, sizes (width, height) in pixels."""
-    questions = [synthetic.SYNTHETIC_QUESTIONS[k] for k in ("background", "count", "color")]
-    examples = []
-    for (w, h), question, color in zip(sizes, questions, ["red", "green", "blue"]):
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": question}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                               tokenize=False)
-        examples.append({"prompt": prompt, "image": Image.new("RGB", (w, h), color)})
-    return examples
 
 
 def test_model_family_comes_from_the_config(qwen25_dir, tiny_model_dir, tmp_path):

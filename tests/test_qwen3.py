@@ -17,8 +17,9 @@ import eval as evaluation
 import grpo
 import train
 from r1v import model as models
-from r1v import policy, rows, synthetic, tiny
+from r1v import policy, rows, tiny
 from tests.conftest import ROOT
+from tests.vlm import chat_examples, randomise_lora
 
 CPU = torch.device("cpu")
 
@@ -32,33 +33,10 @@ def qwen3_dir(tmp_path_factory):
                                      family="qwen3_vl"))
 
 
-def randomise_lora(model):
-    """A non-zero adapter (peft starts lora_B at zero), so that disabling it matters."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def lora_model(qwen3_dir):
     lora = randomise_lora(models.add_lora(models.load_base_model(qwen3_dir, CPU), r=4, alpha=8))
     return lora.eval(), models.load_processor(qwen3_dir)
-
-
-def chat_examples(processor, sizes):
-    """Prompts built with the chat template, one image each, sizes (width, height) in pixels."""
-    questions = [synthetic.SYNTHETIC_QUESTIONS[k] for k in ("background", "count", "color")]
-    examples = []
-    for (w, h), question, color in zip(sizes, questions, ["red", "green", "blue"]):
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": question}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                               tokenize=False)
-        examples.append({"prompt": prompt, "image": Image.new("RGB", (w, h), color)})
-    return examples
 
 
 def test_the_family_its_frame_prompt_tokens_and_eos_come_from_the_checkpoint(qwen3_dir):
