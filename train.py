@@ -69,6 +69,9 @@ class Config(RunFlags):
                               above=0)
     top_k: int = flag(50, "top-k sampling (0 = off)", min=0)
     top_p: float = flag(1.0, "nucleus sampling (1.0 = off)", above=0, max=1)
+    generation_batch_size: int = flag(0, "sequences per generate call, a multiple of G (each "
+                                      "group in one call): the KV cache holds this many, not "
+                                      "N; 0 = all N in one call", min=0)
     # optimisation
     learning_rate: float = flag(1e-5, "AdamW peak learning rate (paper: 1e-6, full fine-tune)",
                                 above=0)
@@ -97,6 +100,10 @@ class Config(RunFlags):
         if (self.preview_rewards or self.rescore) and (self.resume or self.objective == "sft"):
             raise UserError("--preview_rewards and --rescore score a fresh GRPO run's "
                             "completions: not with --resume or --objective sft")
+        if self.generation_batch_size % self.num_generations:
+            raise UserError(f"--generation_batch_size {self.generation_batch_size}: each group's "
+                            f"completions come from one call, so a multiple of --num_generations "
+                            f"{self.num_generations}")
         if self.preview_rewards and self.rescore:
             raise UserError("--preview_rewards samples new completions, --rescore scores "
                             "logged ones: give one")
@@ -112,16 +119,18 @@ RESUMABLE = {"max_steps", "num_train_epochs", "output_dir", "overwrite", "resume
              "eval_limit", "eval_dataset", "log_samples_steps", "num_samples", "save_steps",
              "save_total_limit", "max_nonfinite_steps", "micro_batch_size", "logp_chunk_size",
              "gradient_checkpointing", "use_liger", "static_cache", "report_to", "cpu_threads",
-             "prefill_chunk_size", "compile_decode", "compile_backend", "allow_changed_inputs"}
+             "prefill_chunk_size", "compile_decode", "compile_backend", "allow_changed_inputs",
+             "generation_batch_size"}
 
 
 # --- the step -----------------------------------------------------------------------------------
 
 def generate(model, processor, examples, gen_config, cfg, eos_ids, decoder=None):
-    """G completions per prompt in one batched call, masked up to and including the first EOS,
-    from positions (detail 7)."""
-    rollout, texts = policy.generate(model, processor, examples, gen_config,
-                                     cfg.num_generations, cfg.max_prompt_length, decoder)
+    """G completions per prompt in one batched call (or calls of --generation_batch_size
+    sequences), masked up to and including the first EOS, from positions (detail 7)."""
+    rollout, texts = policy.generate_in_calls(
+        model, processor, examples, gen_config, cfg.num_generations, cfg.generation_batch_size,
+        cfg.max_prompt_length, decoder)
     rollout.completion_mask = grpo.completion_mask(rollout.completion_ids, eos_ids)  # (N, C)
     return rollout, texts
 
@@ -337,11 +346,13 @@ def load_model(cfg, device, name=None):
 
 
 def make_decoder(run, cfg, procs):
-    """The run's static KV cache (this process's N sequences x the longest prompt + the
-    completion) and, with --compile_decode, its compiled decode step; None: a dynamic cache."""
+    """The run's static KV cache (a generate call's sequences: this process's N, or at most
+    --generation_batch_size, x the longest prompt + the completion) and, with --compile_decode,
+    its compiled decode step; None: a dynamic cache."""
     if not (cfg.compile_decode or cfg.static_cache):
         return None
     sequences = len(procs.share(range(cfg.prompts_per_step))) * cfg.num_generations
+    sequences = min(sequences, cfg.generation_batch_size or sequences)
     decoder = decode.Decoder(run.model, sequences, run.longest_prompt + cfg.max_completion_length,
                              cfg.compile_decode, cfg.compile_backend)
     if procs.main:

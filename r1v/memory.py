@@ -105,20 +105,26 @@ def decode_step(model, fake, positions, completion_tokens, bf16_adapter, cache=N
 FLAGS = ("model", "prompts_per_step", "num_generations", "max_completion_length",
          "micro_batch_size", "min_pixels", "max_pixels", "lora_r", "lora_alpha", "load_in_4bit",
          "train_vision", "gradient_checkpointing", "logp_chunk_size", "prefill_chunk_size",
-         "beta", "num_iterations", "static_cache", "compile_decode")
+         "beta", "num_iterations", "static_cache", "compile_decode", "generation_batch_size")
 
 
 def plan(loss_fn, *, model, prompts_per_step, num_generations, max_completion_length,
          micro_batch_size, min_pixels, max_pixels, lora_r, lora_alpha, load_in_4bit,
          train_vision, gradient_checkpointing, logp_chunk_size, prefill_chunk_size, beta,
-         num_iterations, static_cache=False, compile_decode=False):
+         num_iterations, static_cache=False, compile_decode=False, generation_batch_size=0):
     """The estimated peak of each phase of a step (its bytes, their breakdown and largest live
     tensors, where it is reached) and the adapter's bytes, for the flags of a run (FLAGS).
     `loss_fn(model, micro_batch)` is the trainer's own micro-batch loss, (loss, stats)."""
     config = models.load_config(model)
-    rollout = worst_case_rollout(config, prompts_per_step, num_generations,
-                                 max_completion_length, min_pixels, max_pixels)
+
+    def rollout_of(prompts):
+        return worst_case_rollout(config, prompts, num_generations, max_completion_length,
+                                  min_pixels, max_pixels)
+    rollout = rollout_of(prompts_per_step)
     micro = [mb for _, mb in rollout.micro_batches(micro_batch_size)][:2]  # the rest alike
+    per_call = min(prompts_per_step, generation_batch_size // num_generations or prompts_per_step)
+    call = rollout_of(per_call)  # one generate call's; the earlier calls' images stay with it
+    earlier = rollout_of(prompts_per_step - per_call) if per_call < prompts_per_step else None
     with fakes.faking() as mode:
         fake_model = fakes.fake_policy(config, mode, lora_r=lora_r, lora_alpha=lora_alpha,
                                        load_in_4bit=load_in_4bit, train_vision=train_vision,
@@ -126,10 +132,10 @@ def plan(loss_fn, *, model, prompts_per_step, num_generations, max_completion_le
         params = [p for p in fake_model.parameters() if p.requires_grad]
         with mode, fakes.given_positions(fake_model, mode) as positions:
             phases, copies = run_step(
-                fake_model, params, mode, positions, rollout, micro, loss_fn,
+                fake_model, params, mode, positions, call, micro, loss_fn,
                 max_completion_length, logp_chunk_size, prefill_chunk_size, reference=beta != 0,
                 old_logps=num_iterations > 1, features=not train_vision,
-                static_cache=static_cache or compile_decode)
+                static_cache=static_cache or compile_decode, earlier=earlier)
     # the adapter: its fp32 weights and, kept with the static cache, their bf16 copy
     return phases, sum(math.ceil(p.numel() * p.element_size() / 512) * 512
                        for p in [*params, *copies.values()])
@@ -137,10 +143,12 @@ def plan(loss_fn, *, model, prompts_per_step, num_generations, max_completion_le
 
 def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion_tokens,
              logp_chunk_size, prefill_chunk_size, reference, old_logps, features,
-             static_cache=False):
-    """A step's phases on the fake model under one tracker, each phase's peak its own; and the
-    adapter's bf16 copies that generation keeps with a static cache."""
+             static_cache=False, earlier=None):
+    """A step's phases on the fake model under one tracker, each phase's peak its own (the
+    generation's on the last generate call's `rollout`, the `earlier` calls' images and
+    features alive); and the adapter's bf16 copies that generation keeps with a static cache."""
     fake = fakes.faked(mode, rollout, model)
+    earlier = fakes.faked(mode, earlier, model) if earlier else None
     batches = [fakes.faked(mode, mb, model, with_features=features) for mb in micro]
     for mb in batches:
         mb.advantages = torch.zeros(len(mb))
@@ -149,6 +157,9 @@ def run_step(model, params, mode, positions, rollout, micro, loss_fn, completion
     optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)  # as on CUDA
     tracker, phases = fakes.Tracker(), {}
     tracker.track_external(model, optimizer, *fake.images, *fake.image_features,
+                           *(earlier.images + earlier.image_features + [
+                               t for t in vars(earlier).values() if isinstance(t, torch.Tensor)]
+                             if earlier else []),
                            *[t for mb in batches for t in (mb.ref_logp, mb.old_logp)
                              if t is not None])
     bf16 = model.get_input_embeddings().weight.dtype
@@ -224,11 +235,16 @@ def report(planned, gpu_memory_gib=None, settings=None):
 
 def alternatives(planned, gpu_memory_gib, now, settings):
     """Settings that may lower the run's peak `now` (GiB), each planned and printed with its
-    saving: a smaller micro-batch, QLoRA, an eager decode step (no static cache kept), smaller
+    saving: a smaller micro-batch, QLoRA, an eager decode step (no static cache kept), fewer
+    sequences a generate call (a quarter of the groups: a quarter of the KV cache), smaller
     images, smaller vocabulary and prefill chunks; none that the run's `settings` already
     have."""
+    group, prompts = settings.get("num_generations", 8), settings.get("prompts_per_step", 8)
+    calls = group * max(1, prompts // 4)  # sequences a generate call: a quarter of the groups
+    smaller = calls < min(group * prompts, settings.get("generation_batch_size") or calls + 1)
     options = [dict(micro_batch_size=2), dict(micro_batch_size=1), dict(load_in_4bit=True),
                dict(compile_decode=False),  # the static cache then goes after generation
+               *([dict(generation_batch_size=calls)] if smaller else []),
                dict(logp_chunk_size=256, prefill_chunk_size=128), dict(max_pixels=200704),
                dict(load_in_4bit=True, micro_batch_size=2, logp_chunk_size=256)]
     found = []

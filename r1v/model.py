@@ -217,15 +217,17 @@ def apply_liger_kernels(model):
     from transformers.activations import SiLUActivation
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
     from transformers.models.qwen2_vl import modeling_qwen2_vl
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-    # transformers 5 folds M-RoPE's sections into cos/sin and then applies the plain rotation,
-    # a module-level function: Liger's plain RoPE kernel replaces it for the whole process.
-    for module in (modeling_qwen2_vl, modeling_qwen2_5_vl):
+    # transformers 5 folds M-RoPE's sections (Qwen3-VL's interleaved too) into cos/sin and then
+    # applies the plain rotation, a module-level function: Liger's plain RoPE kernel replaces it
+    # for the whole process (as liger-kernel's own Qwen3-VL patch does).
+    for module in (modeling_qwen2_vl, modeling_qwen2_5_vl, modeling_qwen3_vl):
         module.apply_rotary_pos_emb = liger_rotary_pos_emb
     patched = 0
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):      # Qwen2VLRMSNorm, Qwen3VLTextRMSNorm
-            liger._patch_rms_norm_module(module)
+            liger._patch_rms_norm_module(module)  # each keeps its own epsilon
         elif isinstance(module, torch.nn.LayerNorm):          # Qwen2-VL's vision tower
             liger._patch_layer_norm_module(module)
         elif hasattr(module, "gate_proj") and isinstance(getattr(module, "act_fn", None),

@@ -105,9 +105,11 @@ def qwen3vl_config(tok, hidden, intermediate, layers, heads, kv_heads, head_dim,
         tie_word_embeddings=tied)
 
 
-# Qwen3-VL (Instruct and Thinking share an architecture): the 4B's numbers were checked against
-# a public copy of its config.json; the 2B's and 8B's are from Qwen's model cards as remembered,
-# not checked offline (the 8B's vision tower is also Qwen3VLVisionConfig's default).
+# Qwen3-VL (Instruct and Thinking share an architecture): the 4B's numbers and the 8B's vision
+# tower were checked against public copies of their config.json; the 2B's language model is
+# Qwen3-1.7B's (its public config: 2048, 6144, 28 layers, 16 heads, 8 KV heads, tied) and the
+# 8B's Qwen3-8B's; at these numbers the 8B has 8.77B parameters, its published count (the 2B
+# 2.13B).
 VISION_3_SMALL = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
                       num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17])
 VISION_3_8B = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
@@ -131,9 +133,8 @@ def architecture(name, ids=QWEN_IDS):
                           config_class=config_class, tied=tied)
 
 
-# Qwen2.5-VL checkpoints are Instruct models: their prompts go through a chat template. This is
-# Qwen's, without videos and picture numbering.
-# The turns of Qwen's chat templates, without videos and picture numbering.
+# Qwen2.5-VL and Qwen3-VL checkpoints are Instruct models: their prompts go through a chat
+# template. The turns of Qwen's, without videos and picture numbering.
 CHAT_TURNS = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"

@@ -42,3 +42,26 @@ def tiny_qwen25_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-qwen25vl")
     return str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary(grounding_tasks=True),
                                      family="qwen2_5_vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """A tiny random Qwen3-VL (Instruct: a chat template, <|im_end|> its EOS), in a folder whose
+    name does not say which family it is; its vocabulary covers the grounding prompts."""
+    folder = tmp_path_factory.mktemp("tiny-vlm")
+    return str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary(grounding_tasks=True),
+                                     family="qwen3_vl"))
+
+
+@pytest.fixture
+def rope_families(monkeypatch):
+    """The families' modeling modules, whose module-level RoPE function apply_liger_kernels
+    replaces for the whole process: put back after the test."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+    from transformers.models.qwen2_vl import modeling_qwen2_vl
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    families = (modeling_qwen2_vl, modeling_qwen2_5_vl, modeling_qwen3_vl)
+    for module in families:
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
+    return families

@@ -35,12 +35,7 @@ def logps_and_lora_grads(model, rollout):
     return logp.detach().float(), grads
 
 
-def test_liger_kernels_match_the_unpatched_model(tiny_model_dir, monkeypatch):
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
-    from transformers.models.qwen2_vl import modeling_qwen2_vl
-
-    for module in (modeling_qwen2_vl, modeling_qwen2_5_vl):  # restored after the test
-        monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
+def test_liger_kernels_match_the_unpatched_model(tiny_model_dir, rope_families):
     model, processor = lora_model(tiny_model_dir)
     examples = [demo.synthetic_dataset(4, seed=1, image_size=56)[i] for i in range(4)]
     gen = policy.generation_config(processor, max_new_tokens=12)

@@ -334,16 +334,12 @@ def test_update_reports_the_mean_of_its_iterations_stats(rollout, monkeypatch):
 
 
 def test_liger_kernels_replace_every_norm_mlp_and_the_rotary_embedding(tiny_model_dir,
-                                                                        monkeypatch):
+                                                                        rope_families):
     from liger_kernel.transformers.layer_norm import LigerLayerNorm
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
-    from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-    for module in (modeling_qwen2_vl, modeling_qwen2_5_vl):  # restored after the test
-        monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
     model = models.load_base_model(tiny_model_dir, torch.device("cpu"))
     text, vision = model.config.text_config, model.config.vision_config
     patched = models.apply_liger_kernels(model)
@@ -356,7 +352,7 @@ def test_liger_kernels_replace_every_norm_mlp_and_the_rotary_embedding(tiny_mode
     assert forwards.count(LigerSwiGLUMLP.forward) == layers  # the vision MLP is GELU: untouched
     assert forwards.count(LigerLayerNorm.forward) == 2 * depth + 1  # + the merger's
     assert patched == 3 * layers + 2 * depth + 2
-    assert modeling_qwen2_vl.apply_rotary_pos_emb is liger_rotary_pos_emb
+    assert rope_families[0].apply_rotary_pos_emb is liger_rotary_pos_emb  # Qwen2-VL's
 
 
 def test_liger_is_off_by_default_on_cpu(tiny_model_dir, tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import data
-import demo
 import eval as evaluation
 import grpo
 import train
@@ -25,12 +24,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    """A tiny random Qwen3-VL (Instruct: a chat template, <|im_end|> its EOS), in a folder whose
-    name does not say which family it is; its vocabulary covers the grounding prompts."""
-    folder = tmp_path_factory.mktemp("tiny-vlm")
-    return str(tiny.build_tiny_model(folder, demo.synthetic_vocabulary(grounding_tasks=True),
-                                     family="qwen3_vl"))
+def qwen3_dir(tiny_qwen3_dir):
+    return tiny_qwen3_dir
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +170,11 @@ def test_a_trained_vision_tower_gets_gradients_through_deepstack(qwen3_dir):
     assert len(deepstack) == 12 and all(g is not None and g.abs().sum() > 0 for g in deepstack)
 
 
-def test_liger_kernels_patch_the_qwen3_vl_modules(qwen3_dir, monkeypatch):
+def test_liger_kernels_patch_the_qwen3_vl_modules(qwen3_dir, rope_families):
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
-    from transformers.models.qwen2_vl import modeling_qwen2_vl
 
-    for module in (modeling_qwen2_vl, modeling_qwen2_5_vl):  # restored after the test
-        monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
     model = models.load_base_model(qwen3_dir, CPU)
     layers = model.config.text_config.num_hidden_layers
     norms = sum(type(m).__name__.endswith("RMSNorm") for m in model.modules())
@@ -192,6 +184,7 @@ def test_liger_kernels_patch_the_qwen3_vl_modules(qwen3_dir, monkeypatch):
     assert forwards.count(LigerRMSNorm.forward) == norms
     assert forwards.count(LigerSwiGLUMLP.forward) == layers  # the vision MLP is GELU: untouched
     assert patched > norms + layers  # and the vision tower's LayerNorms
+    assert all(m.apply_rotary_pos_emb is liger_rotary_pos_emb for m in rope_families)
 
 
 def test_the_command_writes_a_released_architectures_config(tmp_path):
@@ -381,3 +374,38 @@ def test_a_resumed_run_gives_the_metrics_of_a_straight_one(qwen3_dir, tmp_path):
     for x, y in zip(a, b):
         for key in ("reward", "loss", "kl", "grad_norm", "learning_rate"):
             assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (x["step"], key)
+
+
+@pytest.mark.parametrize("benchmark", ["cvbench", "sat", "refcoco"])
+def test_the_benchmarks_evaluate_a_qwen3_vl_model(tmp_path, qwen3_dir, benchmark):
+    """eval.py's hub benchmarks, from local folders in their schemas, on Qwen3-VL: its chat
+    prompt, its 32-pixel visual tokens (the compiled decode's cache sized in them) and, for
+    RefCOCO, the gold boxes in its 0-1000 frame; eager and compiled decode answer alike."""
+    from tests.test_data import make_sat_folder, sat_rows
+    from tests.test_eval import write_cvbench
+    from tests.test_grounding import write_refcoco
+
+    source = {"cvbench": lambda: write_cvbench(tmp_path / "cvbench", "single"),
+              "sat": lambda: make_sat_folder(tmp_path / "sat", sat_rows()),
+              "refcoco": lambda: write_refcoco(tmp_path / "refcoco")}[benchmark]()
+    args = ["--model", qwen3_dir, "--benchmark", benchmark, "--dataset", source,
+            "--split", "train" if benchmark == "sat" else "val", "--max_new_tokens", "6",
+            "--batch_size", "4", "--max_pixels", str(32 * 32 * 16)]
+    eager = evaluation.main([*args, "--output_dir", str(tmp_path / "e")])
+    compiled = evaluation.main([*args, "--output_dir", str(tmp_path / "c"), "--compile_decode",
+                                "--compile_backend", "eager"])
+    rows = {d: [json.loads(line) for line in (tmp_path / d / "predictions.jsonl")
+                .read_text().splitlines()] for d in ("e", "c")}
+    assert eager["n"] == compiled["n"] == {"cvbench": 6, "sat": 2, "refcoco": 6}[benchmark]
+    assert [r["response"] for r in rows["e"]] == [r["response"] for r in rows["c"]]
+    if benchmark == "refcoco":  # boxes answered in 0-1000, scored in the image's pixels
+        from r1v import cli, flags
+
+        cfg = cli.parse(flags.EvalConfig, [*args, "--output_dir", str(tmp_path / "x")], "")
+        view = data.model_view(models.load_config(qwen3_dir), models.load_processor(qwen3_dir),
+                               "auto", cfg.min_pixels, cfg.max_pixels)
+        item = evaluation.load_items(cfg)[0](view)[0]
+        assert item["frame_size"] == (1000, 1000) and item["original_size"] == (140, 112)
+        judged = evaluation.judge(item, "<answer>[100, 200, 300, 400]</answer>")
+        assert judged["box"] == pytest.approx([14, 22.4, 42, 44.8])
+        assert rows["e"][0]["gold"] == [10, 20, 40, 60]  # COCO's [x, y, w, h] as corners
