@@ -3,7 +3,8 @@
 # root, the wheels of benchmarks/fetch_wheels.sh carried (.whl, then .whl-bnb):
 #   bash benchmarks/gpu_run.sh 1 "$OUT"   # wheels but bitsandbytes, the CUDA tests, lora+liger
 #                                         # (decode compiled), lora+liger-eager, trl-lora (8 min)
-#   bash benchmarks/gpu_run.sh 2 "$OUT"   # bitsandbytes, qlora+liger (about 4 minutes)
+#   bash benchmarks/gpu_run.sh 2 "$OUT"   # bitsandbytes, qlora+liger, lora+liger-calls (its
+#                                         # generation in calls of 16 sequences; ~6 minutes)
 #   TINY=1 WHEELS=/tmp/whl SITE=/tmp/site bash benchmarks/gpu_run.sh 1 /tmp/out  # rehearsal, CPU
 # Each variant's row holds the memory plan's estimate of its settings (benchmarks/results/plans,
 # made here by train.py --plan_memory) beside the measured peak.
@@ -13,7 +14,7 @@ part=$1 out=$2 wheels=${WHEELS:-.whl} site=${SITE:-/tmp/site}
 mkdir -p "$out"
 case $part in
     1) install=("$wheels"/*.whl) variants=(lora+liger lora+liger-eager trl-lora) ;;
-    2) install=("$wheels"-bnb/*.whl) variants=(qlora+liger)
+    2) install=("$wheels"-bnb/*.whl) variants=(qlora+liger lora+liger-calls)
        [ -d "$site/transformers" ] || install+=("$wheels"/*.whl) ;;  # a fresh machine: all
     *) echo "usage: $0 1|2 OUT" >&2; exit 2 ;;
 esac

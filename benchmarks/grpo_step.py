@@ -8,9 +8,10 @@
 completion (min_new_tokens holds EOS back: the worst case), beta 0.04, mu 1, LoRA r 64 / alpha
 128, the r1 prompt, random rewards; each variant in its own process (its peak is its own), a
 warm-up step not counted (its generation, the compile included, is reported apart). `lora`,
-`lora+liger`, `lora+liger-eager`, `qlora+liger` run the trainer's own step functions
-(train.load_model, make_decoder, generate, add_old_and_ref_logps, update), the decode step
-compiled where the trainer compiles it by default (CUDA; `-eager`: not);
+`lora+liger`, `lora+liger-eager`, `lora+liger-calls`, `qlora+liger` run the trainer's own step
+functions (train.load_model, make_decoder, generate, add_old_and_ref_logps, update), the decode
+step compiled where the trainer compiles it by default (CUDA; `-eager`: not; `-calls`: a quarter
+of the groups a generate call, --generation_batch_size 16 at the paper's settings);
 `trl-lora` runs the reference library's GRPOTrainer (TRL 1.16) on the same model folder, images,
 prompts and settings, with plain transformers generation (no vLLM), as a single-GPU user runs it.
 What each row reports, and how (the phase split, decode_ms_per_step against the bandwidth floor
@@ -44,9 +45,11 @@ from r1v import decode, policy, processes, rows, synthetic, tiny  # noqa: E402
 
 # Config overrides per variant; trl-lora uses the plain LoRA settings for what it shares with
 # ours (LoRA shape, learning rate) and is driven by run_trl.
-# The decode step is compiled where the trainer compiles it by default (CUDA); "-eager" not.
+# The decode step is compiled where the trainer compiles it by default (CUDA); "-eager" not;
+# "-calls": a quarter of the groups a generate call (run_ours).
 VARIANTS = {"lora": dict(use_liger=False), "lora+liger": dict(use_liger=True),
             "lora+liger-eager": dict(use_liger=True, compile_decode=False),
+            "lora+liger-calls": dict(use_liger=True),
             "qlora+liger": dict(use_liger=True, load_in_4bit=True), "trl-lora": dict()}
 PHASES = ("generation", "logp", "update")
 # The r1 prompt through TRL: it takes multimodal prompts only as chat messages, so this template
@@ -213,6 +216,8 @@ def run_ours(args, device, examples, settings):
                        max_completion_length=args.completion_tokens, beta=0.04,
                        learning_rate=1e-5, compile_backend=args.compile_backend,
                        **VARIANTS[args.variant])
+    if args.variant.endswith("-calls"):  # 16 of 64 sequences at the paper's settings
+        cfg = dataclasses.replace(cfg, generation_batch_size=args.G * max(1, args.prompts // 4))
     cuda = device.type == "cuda"
     if cfg.compile_decode is None:  # as train.train: on with CUDA (--cpu_compile: on the CPU)
         cfg = dataclasses.replace(cfg, compile_decode=cuda or args.cpu_compile)
@@ -253,7 +258,8 @@ def run_ours(args, device, examples, settings):
                           lora_and_optimizer=(torch.cuda.memory_allocated() - weights) / 2**30)
         synchronize(device)
         start = time.perf_counter()
-        policy.generate(model, processor, examples, prefill_config, args.G, decoder=decoder)
+        policy.generate_in_calls(model, processor, examples, prefill_config, args.G,
+                                 cfg.generation_batch_size, decoder=decoder)
         synchronize(device)
         record["prefill_s"] = time.perf_counter() - start
         if step:

@@ -46,10 +46,15 @@ def test_benchmark_script_runs_every_variant(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in rows] == list(load_script().VARIANTS)
     # the plan beside the measured peak: its own variant's only
-    assert [r["plan_peak_gib"] for r in rows] == [None, 8.5, None, None, None]
-    # the decode step compiled once, without a break, where the trainer compiles it
-    assert [r.get("decode_compiles") for r in rows] == [1, 1, 0, 1, None]
-    assert [r.get("decode_graph_breaks") for r in rows] == [0, 0, 0, 0, None]
+    assert [r["plan_peak_gib"] for r in rows] == [None, 8.5, None, None, None, None]
+    # the decode step compiled once, without a break, where the trainer compiles it (in calls
+    # of one group too: every call the cache's shape)
+    assert [r.get("decode_compiles") for r in rows] == [1, 1, 0, 1, 1, None]
+    assert [r.get("decode_graph_breaks") for r in rows] == [0, 0, 0, 0, 0, None]
+    calls = rows[3]  # lora+liger-calls: a quarter of the groups a call, here one: B calls
+    assert calls["variant"] == "lora+liger-calls"
+    assert calls["vision_by_phase"]["generation"]["calls"] == B
+    assert rows[1]["vision_by_phase"]["generation"]["calls"] == 1
     saved = json.loads((tmp_path / "cpu.json").read_text())
     assert saved == rows and "plan's estimate GiB" in (tmp_path / "cpu.md").read_text()
     for r in rows:

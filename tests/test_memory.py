@@ -262,16 +262,19 @@ def test_a_plan_without_liger_runs_the_plain_loss(tiny_model_dir, tmp_path):
     assert saved["settings"]["use_liger"] is False and result["peak_gib"] > 0
 
 
-def test_a_generation_batch_plans_a_call_of_its_sequences(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_a_generation_batch_plans_a_call_of_its_sequences(tiny_model_dir, tiny_qwen3_dir,
+                                                          tmp_path, family):
     """--generation_batch_size 4 of N = 8: generation and decode peak lower; with the growing
     cache the update is the same; the static cache kept through the step holds 4 sequences,
     not 8 (half the cache's bytes less in every later phase); the earlier calls' images and
     token ids stay alive."""
     from r1v import decode
 
+    model_dir = tiny_model_dir if family == "qwen2_vl" else tiny_qwen3_dir
     flags = dict(prompts_per_step=2, num_generations=4, max_completion_length=64,
                  micro_batch_size=2, max_pixels=3136 * 4)
-    plans = {(eager, half): plan_of(tiny_model_dir, tmp_path / f"{eager}{half}", **flags,
+    plans = {(eager, half): plan_of(model_dir, tmp_path / f"{eager}{half}", **flags,
                                     **({"no-compile_decode": True} if eager else {}),
                                     **({"generation_batch_size": 4} if half else {}))["phases"]
              for eager in (False, True) for half in (False, True)}
@@ -280,9 +283,9 @@ def test_a_generation_batch_plans_a_call_of_its_sequences(tiny_model_dir, tmp_pa
             assert plans[eager, True][phase] < plans[eager, False][phase], (eager, phase)
     # the same tensors alive in the update (small ones counted in two parts: 512-byte blocks)
     assert plans[True, True]["update"] == pytest.approx(plans[True, False]["update"], rel=2e-3)
-    prompt = 1 + 16 + 1 + memory.PROMPT_TEXT_TOKENS
-    half = decode.cache_bytes(models.load_config(tiny_model_dir), 4, prompt + 64,
-                              torch.bfloat16) / memory.GiB
+    config = models.load_config(model_dir)
+    prompt = memory.worst_case_rollout(config, 1, 1, 64, 3136, 3136 * 4).prompt_ids.shape[1]
+    half = decode.cache_bytes(config, 4, prompt + 64, torch.bfloat16) / memory.GiB
     for phase in ("log-probs", "update"):
         saved = plans[False, False][phase] - plans[False, True][phase]
         assert saved == pytest.approx(half, rel=0.03), phase
