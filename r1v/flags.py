@@ -19,9 +19,11 @@ class ModelFlags:
                       "Qwen3-VL model (train.py: 'demo' builds the tiny offline one; "
                       "'demo-qwen3-vl', 'demo-qwen2.5-vl' one of that family)")
     min_pixels: int = flag(MIN_PIXELS, "smaller images are upscaled", min=1)
-    max_pixels: int = flag(MAX_PIXELS, "larger images are downscaled (512 tokens)", min=1)
+    max_pixels: int = flag(MAX_PIXELS, "larger images are downscaled (512 tokens of 28 pixels; "
+                           "Qwen3-VL's 32-pixel tokens: 392)", min=1)
     prompt_format: str = flag("auto", "r1: the paper's base-model prompt; chat: the checkpoint's "
-                              "chat template; auto: chat for Qwen2.5-VL (Instruct), else r1",
+                              "chat template; auto: chat for Qwen2.5-VL and Qwen3-VL (Instruct "
+                              "and Thinking checkpoints), r1 for Qwen2-VL",
                               choices=PROMPT_FORMATS)
     load_in_4bit: bool = flag(False, "QLoRA: the language model in 4-bit NF4")
 
