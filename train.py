@@ -490,7 +490,7 @@ def train(cfg):
                 rollout, scored = policy.answer_rollout(run.processor, examples, [
                     data.answer_completion(ex) for ex in examples], procs.device), None
             else:
-                # 2. generate G completions per prompt, in one batched call
+                # 2. generate G completions per prompt, in one batched call (or a few)
                 with timer("generation"):
                     rollout, texts = generate(run.model, run.processor, examples, gen_config,
                                               cfg, run.eos_ids, run.decoder)
