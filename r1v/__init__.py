@@ -3,7 +3,8 @@
     cli        a dataclass as the command line; user errors as one line
     flags      the flags that are not the algorithm's (model, data, run folder, logging, eval.py)
     model      loading: config, processor, base weights, QLoRA, LoRA; Liger's kernels and loss
-    policy     the Rollout of a generation batch: prompts encoded, one generate, log-probs
+    policy     prompts encoded, one batched generate (or a few calls), log-probs
+    rollout    the Rollout: a generation batch's tensors, micro-batches, the forward's inputs
     rows       a dataset's stored rows and images, read lazily and checked; JSONL tasks
     hub        hub datasets: SAT, RefCOCO/+/g, CV-Bench
     grounding  boxes: VLM-R1's questions, frames, checks, IoU, COCO AP
@@ -15,7 +16,7 @@
     memory     --plan_memory: a step's CUDA memory from the config alone, phase by phase
     fakes      the fake-tensor machinery the plan runs a step on
     synthetic  the offline demo's rows of coloured shapes
-    tiny       tiny random Qwen2-VL / Qwen2.5-VL models with offline tokenizers
+    tiny       tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL models, offline tokenizers
 """
 
 import logging
