@@ -609,3 +609,12 @@ def test_a_reward_file_that_breaks_on_import_names_its_own_line(tmp_path, source
     path.write_text(source)
     with pytest.raises(ValueError, match=rf"'{path}:mine': {path}:{line}: "):
         rewards.load_rewards([f"{path}:mine"])
+
+
+def test_a_reward_that_returns_text_is_an_error_not_a_score():
+    """Found probing the rewards: a reward returning the answer's text ("3", "1.0") scored
+    float() of it, silently: a text is counted as the error it is."""
+    funcs = {"text": lambda completion, example: "3", "number": lambda c, e: np.float32(0.5)}
+    total, parts, errors = rewards.score_completions(["a"], [EX], funcs,
+                                                     {"text": 1.0, "number": 1.0})
+    assert parts == {"text": [0.0], "number": [0.5]} and errors == {"text": 1, "number": 0}
