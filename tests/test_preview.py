@@ -164,3 +164,34 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, tiny_model_dir, 
     old.write_text(json.dumps({"step": 1, "question": "q", "completion": "c"}) + "\n")
     assert "not a line of a run's samples.jsonl" in error_of(["--rescore", str(old), *out],
                                                              capsys)
+
+
+def sample(step=1, group=0, completion="</think><answer>a</answer>", **example):
+    return {"step": step, "group": group, "question": "q", "answer": "a", "completion": completion,
+            "example": {"task_type": "choice", "answer": "a", "question": "q", "prompt": "<think>",
+                        **example}}
+
+
+def test_rescoring_one_completion_reports_its_std_as_undefined(tmp_path, capsys):
+    """Found probing the rewards: a samples.jsonl of one line (`head -1`, to try a reward on one
+    completion) ended in a traceback: its sample std was NaN, which JSON cannot hold."""
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(sample()) + "\n")
+    report = train.main(["--rescore", str(path), "--output_dir", str(tmp_path / "o")])
+    assert report["rewards"]["accuracy"]["std"] is None and report["total"]["mean"] == 2.0
+    assert json.loads((tmp_path / "o" / "reward_preview.json").read_text()) == report
+    assert "accuracy       1.000       -   1.000" in capsys.readouterr().out
+
+
+def test_rescoring_a_file_that_is_not_a_runs_samples_is_one_line(tmp_path, capsys):
+    """Found probing the rewards: an older run's lines (no `group`, no `example`) were called
+    "not a line of a run's samples.jsonl", not what they are; a group or step that is a list
+    and a task with no default rewards ended in tracebacks."""
+    path, out = tmp_path / "samples.jsonl", ["--output_dir", str(tmp_path / "o")]
+    older = {k: v for k, v in sample().items() if k not in ("group", "example")}
+    for line, message in [(older, "samples.jsonl:1: the sample has no 'example'"),
+                          (sample(group=[0]), "samples.jsonl:1: not a line of a run's samples"),
+                          (sample(completion=None), "samples.jsonl:1: not a line of a run's"),
+                          (sample(task_type="vqa"), "its task_type 'vqa' has no default rewards")]:
+        path.write_text(json.dumps(line) + "\n")
+        assert message in error_of(["--rescore", str(path), *out], capsys)
