@@ -195,3 +195,23 @@ def test_rescoring_a_file_that_is_not_a_runs_samples_is_one_line(tmp_path, capsy
                           (sample(task_type="vqa"), "its task_type 'vqa' has no default rewards")]:
         path.write_text(json.dumps(line) + "\n")
         assert message in error_of(["--rescore", str(path), *out], capsys)
+
+
+def test_rescoring_two_runs_samples_joined_is_refused_not_merged(tmp_path, capsys):
+    """Found probing the rewards: `cat a/samples.jsonl b/samples.jsonl` rescored as one file
+    merged each step's group 0 of both runs (two prompts) into one group of 2G completions."""
+    path = tmp_path / "samples.jsonl"
+    run = [sample(group=g, completion=c) for g in (0, 1) for c in ("x", "y")]
+    path.write_text("".join(json.dumps(line) + "\n" for line in run + run))
+    assert "samples.jsonl:5: step 1's group 0 comes twice" in error_of(
+        ["--rescore", str(path), "--output_dir", str(tmp_path / "o")], capsys)
+
+
+def test_the_table_shows_rewards_whose_names_start_alike_apart():
+    """Found probing the rewards: the table cut names at 12 characters, so length_penalty_soft
+    and length_penalty_hard had two rows both named length_penal."""
+    parts = {"length_penalty_soft": [1.0, 0.0], "length_penalty_hard": [0.0, 0.0]}
+    report = preview.summarize(["a", "b"], [1.0, 0.0], parts, dict.fromkeys(parts, 0), [[0, 1]],
+                               [{"question": "q", "answer": "a"}], {})
+    rows = preview.describe(report).splitlines()
+    assert rows[1].startswith("length_penalty_soft ") and rows[2].startswith("length_penalty_hard")
