@@ -161,7 +161,8 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, tiny_model_dir, 
                                "completion": "c", "rewards": {"format": 0.0}}) + "\n")
     assert "samples.jsonl:1: the sample has no 'example'" in error_of(
         ["--rescore", str(old), *out], capsys)
-    old.write_text(json.dumps({"step": 1, "question": "q", "completion": "c"}) + "\n")
+    old.write_text(json.dumps({"step": 1, "question": "q", "completion": "c", "example": {}})
+                   + "\n")  # no group: no run wrote it
     assert "not a line of a run's samples.jsonl" in error_of(["--rescore", str(old), *out],
                                                              capsys)
 
