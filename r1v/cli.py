@@ -147,6 +147,8 @@ def import_function(spec, flag):
     # random.py or rewards.py must not replace those modules, nor a.py another folder's a.py.
     module_name = f"{Path(path).stem}_{hashlib.sha1(folder.encode()).hexdigest()[:8]}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None:  # Python imports only the suffixes it knows (.py, .so...)
+        raise UserError(f"{flag} {spec!r}: {path!r} is not a Python file (path/to/file.py)")
     module = sys.modules[module_name] = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)

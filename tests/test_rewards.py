@@ -618,3 +618,13 @@ def test_a_reward_that_returns_text_is_an_error_not_a_score():
     total, parts, errors = rewards.score_completions(["a"], [EX], funcs,
                                                      {"text": 1.0, "number": 1.0})
     assert parts == {"text": [0.0], "number": [0.5]} and errors == {"text": 1, "number": 0}
+
+
+@pytest.mark.parametrize("name", ["mine.txt", "mine", "mine.ipynb"])
+def test_a_reward_file_that_is_not_python_is_one_line(tmp_path, name):
+    """Found probing the rewards: a reward in mine.ipynb (or .txt, or no suffix) ended in
+    "'NoneType' object has no attribute 'loader'", a traceback."""
+    path = tmp_path / name
+    path.write_text("def mine(completion, example):\n    return 1.0\n")
+    with pytest.raises(ValueError, match=rf"'{path}:mine': '{path}' is not a Python file"):
+        rewards.load_rewards([f"{path}:mine"])
