@@ -167,7 +167,7 @@ def import_function(spec, flag):
 def locate_failure(error, path):
     """`file:line` where importing `path` broke: a syntax error's own (maybe a helper's), else
     the last line of `path` the traceback passes through (not the library's line that raised)."""
-    if isinstance(error, SyntaxError) and error.filename:
+    if isinstance(error, SyntaxError) and Path(error.filename or "").is_file():  # not ast.parse's
         file, line = error.filename, error.lineno
     else:
         frames = traceback.extract_tb(error.__traceback__)

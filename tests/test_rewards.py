@@ -603,7 +603,8 @@ def test_a_reward_file_may_define_a_dataclass_and_be_named_like_a_module(tmp_pat
 
 
 @pytest.mark.parametrize("source,line", [("import json\n\njson.loads('{')\n", 3),
-                                         ("x = 1\ndef f(:\n", 2)])
+                                         ("x = 1\ndef f(:\n", 2),
+                                         ("import ast\n\nast.parse('(')\n", 3)])
 def test_a_reward_file_that_breaks_on_import_names_its_own_line(tmp_path, source, line):
     path = tmp_path / "mine.py"
     path.write_text(source)
