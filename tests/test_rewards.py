@@ -629,3 +629,12 @@ def test_a_reward_file_that_is_not_python_is_one_line(tmp_path, name):
     path.write_text("def mine(completion, example):\n    return 1.0\n")
     with pytest.raises(ValueError, match=rf"'{path}:mine': '{path}' is not a Python file"):
         rewards.load_rewards([f"{path}:mine"])
+
+
+def test_the_step_line_tells_the_length_reward_from_the_length():
+    """Found probing the rewards: with the registry's `length` reward the terminal read
+    `length=0.005 ... length=5`, its mean and the completions' length under one name."""
+    line = metrics.short_line({"step": 1, "reward": 1.0, "rewards/format/mean": 1.0,
+                               "rewards/length/mean": 0.005, "rewards/reward/mean": 0.5,
+                               "completions/mean_length": 5.0})
+    assert line == "step 1: reward=1 format=1 rewards/length=0.005 rewards/reward=0.5 length=5"
