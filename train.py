@@ -559,7 +559,7 @@ def rescore(cfg):
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
     groups = preview.read_samples(cfg.rescore)
     task = groups[0][0]["example"].get("task_type", "choice")
-    if not cfg.reward_funcs and task not in list(TASK_REWARDS):  # a list: any JSON value is in
+    if not cfg.reward_funcs and task not in list(TASK_REWARDS):  # a list: [0] is no dict key
         raise UserError(f"--rescore {cfg.rescore}: its task_type {task!r} has no default rewards "
                         f"(those of {', '.join(TASK_REWARDS)} have): name them, --reward_funcs")
     specs = cfg.reward_funcs or TASK_REWARDS[task]
