@@ -141,7 +141,11 @@ def score_completions(completions, examples, reward_funcs, weights, on_error=Non
     for completion, example in zip(completions, examples):
         for name, func in reward_funcs.items():
             try:
-                value = float(func(completion, own_copy(example)))
+                value = func(completion, own_copy(example))
+                if isinstance(value, (str, bytes)):  # float("1") is 1.0: a text is no score
+                    raise TypeError(f"reward returned {type(value).__name__} {value!r}, "
+                                    "not a number")
+                value = float(value)
                 if not math.isfinite(value):
                     raise ValueError(f"non-finite reward {value}")
             except KeyboardInterrupt:  # Ctrl-C is the user's, not the reward's

@@ -558,7 +558,11 @@ def rescore(cfg):
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
     groups = preview.read_samples(cfg.rescore)
-    specs = cfg.reward_funcs or TASK_REWARDS[groups[0][0]["example"].get("task_type", "choice")]
+    task = groups[0][0]["example"].get("task_type", "choice")
+    if not cfg.reward_funcs and task not in list(TASK_REWARDS):  # a list: [0] is no dict key
+        raise UserError(f"--rescore {cfg.rescore}: its task_type {task!r} has no default rewards "
+                        f"(those of {', '.join(TASK_REWARDS)} have): name them, --reward_funcs")
+    specs = cfg.reward_funcs or TASK_REWARDS[task]
     funcs, weights = given or rewards.load_rewards(specs, cfg.reward_weights)
     cfg = dataclasses.replace(cfg, reward_funcs=list(specs), reward_weights=list(weights.values()))
     on_error = metrics.on_reward_error(metrics.report_once())

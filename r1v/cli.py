@@ -11,6 +11,7 @@ annotation (`int`, `float`, `list[float]`, `str | None`...). Presets are named s
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import importlib.util
 import math
 import operator
@@ -139,16 +140,37 @@ def import_function(spec, flag):
     path, _, name = spec.rpartition(":")
     if not Path(path).is_file():
         raise UserError(f"{flag} {spec!r}: file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:  # its helpers beside it import, as if run as a script; last,
+        sys.path.append(folder)  # so that a helper named like a library does not hide it
+    # Registered (dataclasses and pickle look a module up), under a name of its own: a file named
+    # random.py or rewards.py must not replace those modules, nor a.py another folder's a.py.
+    module_name = f"{Path(path).stem}_{hashlib.sha1(folder.encode()).hexdigest()[:8]}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None:  # Python imports only the suffixes it knows (.py, .so...)
+        raise UserError(f"{flag} {spec!r}: {path!r} is not a Python file (path/to/file.py)")
+    module = sys.modules[module_name] = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # sys.exit() there would end the command with no word
-        line = getattr(e, "lineno", None) or traceback.extract_tb(e.__traceback__)[-1].lineno
-        raise UserError(f"{flag} {spec!r}: {path}:{line}: {type(e).__name__}: {e}") from e
+        del sys.modules[module_name]
+        raise UserError(f"{flag} {spec!r}: {locate_failure(e, path)}: "
+                        f"{type(e).__name__}: {e}") from e
     func = getattr(module, name, None)
     if not callable(func):
         raise UserError(f"{flag} {spec!r}: {path!r} has no function {name!r}")
     return name, func
+
+
+def locate_failure(error, path):
+    """`file:line` where importing `path` broke: a syntax error's own (maybe a helper's), else
+    the last line of `path` the traceback passes through (not the library's line that raised)."""
+    if isinstance(error, SyntaxError) and Path(error.filename or "").is_file():  # not ast.parse's
+        file, line = error.filename, error.lineno
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        mine = [f for f in frames if Path(f.filename).resolve() == Path(path).resolve()]
+        file, line = (mine or frames)[-1].filename, (mine or frames)[-1].lineno
+    return f"{path if Path(file).resolve() == Path(path).resolve() else file}:{line}"

@@ -235,8 +235,11 @@ SHORT = {"generation": "gen"}  # the step line stays one terminal line
 def short_line(row):
     """The few numbers a person watches, of a metrics row (all of them: metrics.jsonl): the
     total reward and each reward's mean, the loss's, and where the step's seconds went."""
-    parts = {"reward": "reward", **{k: k.split("/")[1] for k in row
-                                    if k.startswith("rewards/") and k.endswith("/mean")},
+    taken = {"reward", *WATCHED.values()}  # the reward `length` is not the completions' length
+    means = [k for k in row if k.startswith("rewards/") and k.endswith("/mean")]
+    parts = {"reward": "reward",
+             **{k: k.removesuffix("/mean") if k.split("/")[1] in taken else k.split("/")[1]
+                for k in means},
              **WATCHED}
     line = f"step {row['step']}: " + " ".join(
         f"{name}={row[k]:{'.3g' if k == 'step_time' else '.4g'}}" for k, name in parts.items()

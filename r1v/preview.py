@@ -39,7 +39,8 @@ def figures(values, errors, groups):
     that raised and the fraction of groups in which every completion scored the same."""
     values = np.asarray(values, dtype=float)                                   # (N,)
     flat = [values[g].std(ddof=1) < ZERO_STD if len(g) > 1 else True for g in groups]
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)),
+    std = float(values.std(ddof=1)) if len(values) > 1 else None  # of one score: undefined
+    return {"mean": float(values.mean()), "std": std,
             "min": float(values.min()), "max": float(values.max()), "errors": errors,
             "zero_variance_groups": float(np.mean(flat))}
 
@@ -92,11 +93,12 @@ def of_batches(scored, group_size, gold_of, settings):
 
 def describe(report):
     """The report's figures as a short table, with what a flat reward means."""
-    lines = [f"{'':<12}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}{'errors':>8}"
+    width = max(12, *map(len, report["rewards"]))  # names cut short could read the same
+    lines = [f"{'':<{width}}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}{'errors':>8}"
              "  zero-variance groups"]
     for name, f in [*report["rewards"].items(), ("total", report["total"])]:
-        lines.append(f"{name[:12]:<12}" + "".join(f"{f[k]:>8.3f}" for k in ("mean", "std",
-                                                                               "min", "max"))
+        lines.append(f"{name:<{width}}" + "".join(f"{'-':>8}" if f[k] is None else f"{f[k]:>8.3f}"
+                                                  for k in ("mean", "std", "min", "max"))
                      + f"{f['errors']:>8}  {f['zero_variance_groups']:.2f}")
     lines += [f"correlation {pair}: " + ("undefined (one does not vary)" if r is None
                                          else f"{r:.3f}")
@@ -126,15 +128,24 @@ def read_samples(path):
         raise UserError(f"--rescore {path}: no such file (give a run's samples.jsonl)")
     with cli.user_error(f"--rescore {path}: cannot read it", OSError, UnicodeDecodeError):
         lines, _ = runs.read_log(path)  # a last line torn by a kill is dropped
-    groups = {}
+    groups, last = {}, None
     for number, line in lines:
-        if not isinstance(line, dict) or not {"step", "group", "completion"} <= line.keys():
+        if not isinstance(line, dict) or not {"step", "completion"} <= line.keys():
             raise UserError(f"--rescore {path}:{number}: not a line of a run's samples.jsonl")
-        if not isinstance(line.get("example"), dict):
+        if not isinstance(line.get("example"), dict):  # an older run's lines had no group either
             raise UserError(f"--rescore {path}:{number}: the sample has no 'example' (what its "
                             "rewards saw), so it cannot be scored again: samples.jsonl of a "
                             "run from before they were logged")
-        groups.setdefault((line["step"], line["group"]), []).append(line)
+        if not (isinstance(line["step"], int) and isinstance(line.get("group"), int)
+                and isinstance(line["completion"], str)):
+            raise UserError(f"--rescore {path}:{number}: not a line of a run's samples.jsonl "
+                            "(an integer step and group, a text completion)")
+        key = (line["step"], line["group"])
+        if key in groups and key != last:  # a group's lines are written together, once a step
+            raise UserError(f"--rescore {path}:{number}: step {key[0]}'s group {key[1]} comes "
+                            "twice: the samples of more than one run? rescore one run's file")
+        groups.setdefault(key, []).append(line)
+        last = key
     if not groups:
         raise UserError(f"--rescore {path}: no samples in it")
     return list(groups.values())

@@ -161,6 +161,58 @@ def test_bad_input_is_one_line_before_any_model_loads(tmp_path, tiny_model_dir, 
                                "completion": "c", "rewards": {"format": 0.0}}) + "\n")
     assert "samples.jsonl:1: the sample has no 'example'" in error_of(
         ["--rescore", str(old), *out], capsys)
-    old.write_text(json.dumps({"step": 1, "question": "q", "completion": "c"}) + "\n")
+    old.write_text(json.dumps({"step": 1, "question": "q", "completion": "c", "example": {}})
+                   + "\n")  # no group: no run wrote it
     assert "not a line of a run's samples.jsonl" in error_of(["--rescore", str(old), *out],
                                                              capsys)
+
+
+def sample(step=1, group=0, completion="</think><answer>a</answer>", **example):
+    return {"step": step, "group": group, "question": "q", "answer": "a", "completion": completion,
+            "example": {"task_type": "choice", "answer": "a", "question": "q", "prompt": "<think>",
+                        **example}}
+
+
+def test_rescoring_one_completion_reports_its_std_as_undefined(tmp_path, capsys):
+    """Found probing the rewards: a samples.jsonl of one line (`head -1`, to try a reward on one
+    completion) ended in a traceback: its sample std was NaN, which JSON cannot hold."""
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(sample()) + "\n")
+    report = train.main(["--rescore", str(path), "--output_dir", str(tmp_path / "o")])
+    assert report["rewards"]["accuracy"]["std"] is None and report["total"]["mean"] == 2.0
+    assert json.loads((tmp_path / "o" / "reward_preview.json").read_text()) == report
+    assert "accuracy       1.000       -   1.000" in capsys.readouterr().out
+
+
+def test_rescoring_a_file_that_is_not_a_runs_samples_is_one_line(tmp_path, capsys):
+    """Found probing the rewards: an older run's lines (no `group`, no `example`) were called
+    "not a line of a run's samples.jsonl", not what they are; a group or step that is a list
+    and a task with no default rewards ended in tracebacks."""
+    path, out = tmp_path / "samples.jsonl", ["--output_dir", str(tmp_path / "o")]
+    older = {k: v for k, v in sample().items() if k not in ("group", "example")}
+    for line, message in [(older, "samples.jsonl:1: the sample has no 'example'"),
+                          (sample(group=[0]), "samples.jsonl:1: not a line of a run's samples"),
+                          (sample(completion=None), "samples.jsonl:1: not a line of a run's"),
+                          (sample(task_type="vqa"), "its task_type 'vqa' has no default rewards")]:
+        path.write_text(json.dumps(line) + "\n")
+        assert message in error_of(["--rescore", str(path), *out], capsys)
+
+
+def test_rescoring_two_runs_samples_joined_is_refused_not_merged(tmp_path, capsys):
+    """Found probing the rewards: `cat a/samples.jsonl b/samples.jsonl` rescored as one file
+    merged each step's group 0 of both runs (two prompts) into one group of 2G completions."""
+    path = tmp_path / "samples.jsonl"
+    run = [sample(group=g, completion=c) for g in (0, 1) for c in ("x", "y")]
+    path.write_text("".join(json.dumps(line) + "\n" for line in run + run))
+    assert "samples.jsonl:5: step 1's group 0 comes twice" in error_of(
+        ["--rescore", str(path), "--output_dir", str(tmp_path / "o")], capsys)
+
+
+def test_the_table_shows_rewards_whose_names_start_alike_apart():
+    """Found probing the rewards: the table cut names at 12 characters, so length_penalty_soft
+    and length_penalty_hard had two rows both named length_penal."""
+    parts = {"length_penalty_soft": [1.0, 0.0], "length_penalty_hard": [0.0, 0.0]}
+    report = preview.summarize(["a", "b"], [1.0, 0.0], parts, dict.fromkeys(parts, 0), [[0, 1]],
+                               [{"question": "q", "answer": "a"}], {})
+    rows = preview.describe(report).splitlines()
+    assert rows[1].startswith("length_penalty_soft ") and rows[2].startswith("length_penalty_hard")

@@ -570,3 +570,71 @@ def test_a_gold_answer_with_spaces_around_it_can_score(gold):
     """Found probing item 5 once more: the answer read is stripped, so a gold with a space
     around it never scored; R1-V strips the gold too."""
     assert rewards.accuracy_reward("</think><answer> left </answer>", {**EX, "answer": gold}) == 1
+
+
+def test_a_reward_file_imports_a_helper_beside_it(tmp_path):
+    """Found probing the rewards: `from my_utils import tagged` in a reward file failed with
+    ModuleNotFoundError though my_utils.py sat beside it (and so did an import in the body)."""
+    (tmp_path / "my_utils_probe.py").write_text("def tagged(text):\n    return 0.5\n")
+    (tmp_path / "mine.py").write_text(
+        "from my_utils_probe import tagged\n\n\ndef mine(completion, example):\n"
+        "    import my_utils_probe\n    return tagged(completion) + my_utils_probe.tagged('')\n")
+    funcs, _ = rewards.load_rewards([f"{tmp_path / 'mine.py'}:mine"])
+    assert funcs["mine"]("x", EX) == 1.0
+
+
+def test_a_reward_file_may_define_a_dataclass_and_be_named_like_a_module(tmp_path):
+    """Found probing the rewards: a reward file with a dataclass (postponed annotations) failed
+    to import ("NoneType has no attribute __dict__", at a line of dataclasses.py given as the
+    file's); one named random.py must not replace the module random for the rest of the run,
+    nor a.py in one folder the a.py of another."""
+    source = ("from __future__ import annotations\nimport dataclasses\nimport pickle\n\n\n"
+              "@dataclasses.dataclass\nclass Bonus:\n    value: float = {}\n\n\n"
+              "def mine(completion, example):\n"
+              "    return len(pickle.dumps(mine)) and Bonus().value\n")
+    for folder, value in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "random.py").write_text(source.format(value))
+    one = rewards.load_reward(f"{tmp_path / 'a' / 'random.py'}:mine")
+    two = rewards.load_reward(f"{tmp_path / 'b' / 'random.py'}:mine")
+    assert one[1]("x", EX) == 1.0 and two[1]("x", EX) == 2.0
+    import random
+    assert callable(random.random)
+
+
+@pytest.mark.parametrize("source,line", [("import json\n\njson.loads('{')\n", 3),
+                                         ("x = 1\ndef f(:\n", 2),
+                                         ("import ast\n\nast.parse('(')\n", 3)])
+def test_a_reward_file_that_breaks_on_import_names_its_own_line(tmp_path, source, line):
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    with pytest.raises(ValueError, match=rf"'{path}:mine': {path}:{line}: "):
+        rewards.load_rewards([f"{path}:mine"])
+
+
+def test_a_reward_that_returns_text_is_an_error_not_a_score():
+    """Found probing the rewards: a reward returning the answer's text ("3", "1.0") scored
+    float() of it, silently: a text is counted as the error it is."""
+    funcs = {"text": lambda completion, example: "3", "number": lambda c, e: np.float32(0.5)}
+    total, parts, errors = rewards.score_completions(["a"], [EX], funcs,
+                                                     {"text": 1.0, "number": 1.0})
+    assert parts == {"text": [0.0], "number": [0.5]} and errors == {"text": 1, "number": 0}
+
+
+@pytest.mark.parametrize("name", ["mine.txt", "mine", "mine.ipynb"])
+def test_a_reward_file_that_is_not_python_is_one_line(tmp_path, name):
+    """Found probing the rewards: a reward in mine.ipynb (or .txt, or no suffix) ended in
+    "'NoneType' object has no attribute 'loader'", a traceback."""
+    path = tmp_path / name
+    path.write_text("def mine(completion, example):\n    return 1.0\n")
+    with pytest.raises(ValueError, match=rf"'{path}:mine': '{path}' is not a Python file"):
+        rewards.load_rewards([f"{path}:mine"])
+
+
+def test_the_step_line_tells_the_length_reward_from_the_length():
+    """Found probing the rewards: with the registry's `length` reward the terminal read
+    `length=0.005 ... length=5`, its mean and the completions' length under one name."""
+    line = metrics.short_line({"step": 1, "reward": 1.0, "rewards/format/mean": 1.0,
+                               "rewards/length/mean": 0.005, "rewards/reward/mean": 0.5,
+                               "completions/mean_length": 5.0})
+    assert line == "step 1: reward=1 format=1 rewards/length=0.005 rewards/reward=0.5 length=5"
