@@ -283,3 +283,34 @@ def test_a_second_evaluation_says_how_many_predictions_it_reuses(tmp_path, tiny_
     (out / "predictions.jsonl").write_text("".join(lines[:3]))  # killed after 3
     evaluation.main(argv)
     assert f"reusing 3 predictions from {out / 'predictions.jsonl'}" in capsys.readouterr().out
+
+
+def test_edited_predictions_are_refused_not_scored_or_a_traceback(tmp_path, tiny_model_dir):
+    """A line of predictions.jsonl that is no judged row of this data's items (not an object,
+    no id, an id of no item, a key the summary reads removed, bytes not UTF-8), or an
+    eval_config.json not an object: one line naming the file, nothing scored."""
+    import shutil
+
+    from r1v.cli import UserError
+
+    out = tmp_path / "e"
+    argv = ["--model", tiny_model_dir, "--dataset", "synthetic", "--synthetic_tasks",
+            "background", "--synthetic_image_size", "56", "--limit", "2", "--max_new_tokens", "2"]
+    evaluation.main([*argv, "--output_dir", str(out)])
+    good = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    row = json.loads(good[1])
+    edits = {"[1, 2]\n": ":2:", json.dumps({k: v for k, v in row.items() if k != "id"}): ":2:",
+             json.dumps({**row, "id": "7"}): ":2:", json.dumps({**row, "id": ["1"]}): ":2:",
+             json.dumps({k: v for k, v in row.items() if k != "correct"}): ":2:",
+             b"\xff\xfe\n": " cannot be read"}
+    for i, (line, message) in enumerate(edits.items()):
+        edited = tmp_path / f"edited{i}"
+        shutil.copytree(out, edited)
+        text = good[0].encode() + (line if isinstance(line, bytes) else line.encode() + b"\n")
+        (edited / "predictions.jsonl").write_bytes(text)
+        with pytest.raises(UserError, match=f"predictions.jsonl{message}.*--overwrite"):
+            evaluation.main([*argv, "--output_dir", str(edited)])
+        assert (edited / "predictions.jsonl").read_bytes() == text  # kept as it was
+    (out / "eval_config.json").write_text("[]")
+    with pytest.raises(UserError, match="eval_config.json cannot be read.*not a JSON object"):
+        evaluation.main([*argv, "--output_dir", str(out)])
