@@ -40,6 +40,23 @@ def test_score_cvbench_by_hand():
     assert set(s) == {"micro", "official", "2D", "3D", "Count", "Relation", "Depth", "Distance"}
 
 
+def test_a_category_without_items_scores_null_not_nan(tmp_path):
+    """--limit 2 of CV-Bench holds no 3D item: 3D, official, Depth and Distance have no score,
+    null in summary.json (NaN is no JSON: jq and JavaScript refuse the file) and "-" in the
+    table; the 2D scores stay."""
+    rows = [{"source": "ADE20K", "task": "Count", "task_type": "choice", "response": "r",
+             "choice": 0, "correct": True, "choice_lenient": 1, "correct_lenient": False},
+            {"source": "COCO", "task": "Relation", "task_type": "choice", "response": "r",
+             "choice": None, "correct": False, "choice_lenient": 0, "correct_lenient": True}]
+    summary = metrics.summarize(rows, "cvbench")
+    strict = json.loads(json.dumps(summary), parse_constant=pytest.fail)["strict"]
+    assert strict == {"micro": 50.0, "official": None, "2D": 50.0, "3D": None, "Count": 100.0,
+                      "Relation": 0.0, "Depth": None, "Distance": None}
+    assert summary["lenient"]["Relation"] == 100.0 and summary["lenient"]["2D"] == 50.0
+    table = metrics.format_table(summary).splitlines()
+    assert table[1].split() == ["strict", "50.00", "-", "50.00", "-", "100.00", "0.00", "-", "-"]
+
+
 CHOICES = ["3", "2", "1", "0"]
 
 
