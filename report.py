@@ -49,6 +49,7 @@ PANELS = {  # each kind of run: {metric: (title, y label)}, in the order drawn
             "mean_token_accuracy": ("Answer token accuracy", "fraction of answer tokens"),
             "eval/accuracy": ("Held-out accuracy", "greedy, strict")},
 }
+PANEL_KEYS = {key for panels in PANELS.values() for key in panels}
 PHRASES = "completions/reflection/"  # + each key of metrics.REFLECTION_KEYS, in one panel
 PHRASES_PANEL = ("Reflection by phrase", "fraction of completions")
 RUN_COLORS, PHRASE_COLORS = colormaps["tab10"], colormaps["Dark2"]
@@ -138,6 +139,13 @@ def kind_of(run):
     if "rewards/detection/mean" in run or "eval/mAP" in run:
         return "ovd"
     return "rec" if "boxes/per_answer" in run else "choice"
+
+
+def own_metrics(run):
+    """A run's metrics less those another kind's panels draw and its own do not: a GRPO run's
+    policy loss is no "SFT loss" beside an SFT run, nor averaged with its NLL."""
+    own = PANELS[kind_of(run)]
+    return {key: v for key, v in run.items() if key in own or key not in PANEL_KEYS}
 
 
 def draw(runs, names, panels, titles, cfg):
@@ -245,7 +253,7 @@ def main(argv=None):
     out = Path(cfg.out)
     table_path = Path(cfg.table) if cfg.table else out.with_suffix(".md")
     check_outputs(run_dirs, out, table_path)
-    runs = [read_metrics(d) for d in run_dirs]
+    runs = [own_metrics(read_metrics(d)) for d in run_dirs]
     names = [d.resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # seeds/a/run and seeds/b/run: the names as given
         names = [str(d) for d in run_dirs]
