@@ -331,3 +331,21 @@ def test_edited_predictions_are_refused_not_scored_or_a_traceback(tmp_path, tiny
     (out / "eval_config.json").write_text("[]")
     with pytest.raises(UserError, match="eval_config.json cannot be read.*not a JSON object"):
         evaluation.main([*argv, "--output_dir", str(out)])
+
+
+@pytest.mark.parametrize("given,message", [
+    ("run", "a run's folder: give one of its checkpoints, as .*checkpoint-10$"),
+    ("run/checkpoint-10/adapter_config.json", "a file, not an adapter's folder"),
+    ("nowhere", "no such folder")])
+def test_an_adapter_that_is_no_adapter_folder_says_what_it_is(tmp_path, given, message):
+    """--adapter a run's folder (as train.py's --output_dir is named), a file of a checkpoint,
+    a typo: said as such, not as a missing adapter_config.json, before any model is read."""
+    from r1v.cli import UserError
+
+    for step in (2, 10):  # the latest by number, not by name (checkpoint-2 sorts after -10)
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match=f"^--adapter {tmp_path / given}: {message}"):
+        evaluation.main(["--model", str(tmp_path / "no-model"), "--adapter",
+                         str(tmp_path / given), "--output_dir", str(tmp_path / "e")])
+    assert not (tmp_path / "e").exists()
