@@ -143,9 +143,11 @@ def kind_of(run):
 
 def own_metrics(run):
     """A run's metrics less those another kind's panels draw and its own do not: a GRPO run's
-    policy loss is no "SFT loss" beside an SFT run, nor averaged with its NLL."""
+    policy loss is no "SFT loss" beside an SFT run, nor averaged with its NLL. A reward means
+    the same in every run: kept."""
     own = PANELS[kind_of(run)]
-    return {key: v for key, v in run.items() if key in own or key not in PANEL_KEYS}
+    return {key: v for key, v in run.items()
+            if key in own or key not in PANEL_KEYS or key.startswith("rewards/")}
 
 
 def draw(runs, names, panels, titles, cfg):
