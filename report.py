@@ -8,8 +8,8 @@ length, reflection, KL, held-out accuracy; grounding adds the boxes per answer, 
 SFT: its loss and token accuracy): each run a thin line; several runs of one kind (seeds) add
 their mean and a band (std or min-max across runs), at each step over the runs that logged it, so
 runs of different lengths mix. The table: each run's final and peak values, raw, and their mean
-± std across runs of one kind. Both are written as new files, or over report.py's own earlier ones, never over
-another file.
+± std across runs of one kind. Both are written as new files, or over report.py's own earlier
+ones, never over another file.
 """
 
 import math
