@@ -260,6 +260,17 @@ def test_an_adapter_is_scored_as_trained_unless_merging_is_asked_for(tmp_path, t
     assert "merge_adapter" in evaluation.PROVENANCE  # predictions of one never resume the other
 
 
+def test_merge_adapter_without_an_adapter_is_refused():
+    """Nothing to merge: the flag was ignored, yet a base model's predictions made with it and
+    without it refused each other's resume (merge_adapter differ)."""
+    from r1v import flags
+    from r1v.cli import UserError
+
+    with pytest.raises(UserError, match="--merge_adapter merges an --adapter"):
+        flags.EvalConfig(model="m", merge_adapter=True)
+    assert flags.EvalConfig(model="m", adapter="a", merge_adapter=True).merge_adapter
+
+
 def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
     """How the README evaluates the demo's adapter: its synthetic rows, another seed's."""
     import demo
