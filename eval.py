@@ -121,20 +121,37 @@ def load_items(cfg):
             else rows.check_rows(examples.shown_as(view)))
 
 
-def load_done(out, record):
-    """Finished predictions to resume from, if they were made as `record` (provenance) says."""
+def load_done(out, record, items):
+    """Finished predictions to resume from, {id: row}, if they were made as `record`
+    (provenance) says, and the indices of the `items` still to predict."""
     predictions, saved = out / "predictions.jsonl", out / "eval_config.json"
     if not predictions.is_file():
-        return {}
+        return {}, range(len(items))
+    hint = "; give another --output_dir, or --overwrite to discard them"
     with cli.user_error(f"{saved} cannot be read, so neither can what made {predictions}",
-                        OSError, ValueError, hint="; give another --output_dir, or --overwrite "
-                        "to discard them"):
+                        OSError, ValueError, hint=hint):
         before = json.loads(saved.read_text()) if saved.is_file() else {}
+        if not isinstance(before, dict):
+            raise ValueError("not a JSON object")
     differ = [k for k in record if before.get(k) != record[k]]
     if differ:
         raise UserError(f"{predictions} holds predictions of other settings ({', '.join(differ)} "
-                        "differ); give another --output_dir, or --overwrite to discard them")
-    return {row["id"]: row for _, row in runs.read_log(predictions)[0]}
+                        "differ)" + hint)
+    with cli.user_error(f"{predictions} cannot be read", OSError, UnicodeDecodeError, hint=hint):
+        lines = runs.read_log(predictions)[0]
+    ids, judged = [], {}  # each item's id; the keys of its judged row, which summarize reads
+    for i in range(len(items) if lines else 0):
+        item = items[i]
+        ids.append(item["id"])
+        judged[item["id"]] = judge(item, "").keys()
+    done = {}
+    for number, row in lines:  # an edited line would be scored as it is, or break summarize
+        key = row.get("id") if isinstance(row, dict) else None
+        if not isinstance(key, str) or key not in judged or not judged[key] <= row.keys():
+            raise UserError(f"{predictions}:{number}: not a prediction of an item of this data "
+                            "(edited?)" + hint)
+        done[key] = row
+    return done, [i for i, key in enumerate(ids) if key not in done] if lines else range(len(items))
 
 
 def load_for_eval(cfg, device):
@@ -178,11 +195,11 @@ def evaluate(cfg):
         view = data.model_view(config, processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
         record = provenance(cfg, view, content)
-        done, items = {} if cfg.overwrite else load_done(out, record), shown_as(view)
+        items = shown_as(view)
+        done, todo = ({}, range(len(items))) if cfg.overwrite else load_done(out, record, items)
         predictions = out / "predictions.jsonl"
         runs.write_atomic(predictions, "".join(json.dumps(r) + "\n" for r in done.values()))
         runs.write_atomic(out / "eval_config.json", json.dumps(record, indent=2))
-        todo = [i for i in range(len(items)) if not done or items[i]["id"] not in done]
         if len(todo) < len(items):  # the same command again: say so, not just print the table
             print(f"reusing {len(items) - len(todo)} predictions from {predictions}", flush=True)
         if todo:

@@ -5,11 +5,11 @@
 
 A panel per metric against the step, what each kind of run logs (GRPO: the rewards, completion
 length, reflection, KL, held-out accuracy; grounding adds the boxes per answer, Acc@0.5 or mAP;
-SFT: its loss and token accuracy): each run a thin line; several runs (seeds) add their mean and
-a band (std or min-max across runs), at each step over the runs that logged it, so runs of
-different lengths mix. The table: each run's final and peak values, raw, and their mean ± std
-across runs. Both are written as new files, or over report.py's own earlier ones, never over
-another file.
+SFT: its loss and token accuracy): each run a thin line; several runs of one kind (seeds) add
+their mean and a band (std or min-max across runs), at each step over the runs that logged it, so
+runs of different lengths mix. The table: each run's final and peak values, raw, and their mean
+± std across runs of one kind. Both are written as new files, or over report.py's own earlier
+ones, never over another file.
 """
 
 import math
@@ -49,6 +49,7 @@ PANELS = {  # each kind of run: {metric: (title, y label)}, in the order drawn
             "mean_token_accuracy": ("Answer token accuracy", "fraction of answer tokens"),
             "eval/accuracy": ("Held-out accuracy", "greedy, strict")},
 }
+PANEL_KEYS = {key for panels in PANELS.values() for key in panels}
 PHRASES = "completions/reflection/"  # + each key of metrics.REFLECTION_KEYS, in one panel
 PHRASES_PANEL = ("Reflection by phrase", "fraction of completions")
 RUN_COLORS, PHRASE_COLORS = colormaps["tab10"], colormaps["Dark2"]
@@ -140,6 +141,21 @@ def kind_of(run):
     return "rec" if "boxes/per_answer" in run else "choice"
 
 
+def own_metrics(run):
+    """A run's metrics less those another kind's panels draw and its own do not: a GRPO run's
+    policy loss is no "SFT loss" beside an SFT run, nor averaged with its NLL. A reward means
+    the same in every run: kept."""
+    own = PANELS[kind_of(run)]
+    return {key: v for key, v in run.items()
+            if key in own or key not in PANEL_KEYS or key.startswith("rewards/")}
+
+
+def alike(runs, key):
+    """Whether the runs that log `key` are of one kind: an SFT and a GRPO run, or a grounding
+    and a multiple-choice one, are no seeds of one experiment, and get no mean together."""
+    return len({kind_of(run) for run in runs if key in run}) == 1
+
+
 def draw(runs, names, panels, titles, cfg):
     """One figure: a panel per metric, in two rows when more than three."""
     rows = 1 if len(panels) <= 3 else 2
@@ -150,7 +166,7 @@ def draw(runs, names, panels, titles, cfg):
         if key == PHRASES:
             draw_phrases(ax, runs, cfg.smooth)
         else:
-            draw_runs(ax, [run.get(key) for run in runs], cfg)
+            draw_runs(ax, [run.get(key) for run in runs], cfg, alike(runs, key))
         title, ylabel = titles.get(key, PHRASES_PANEL)
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         flat = key != PHRASES and not any(run[key][1].any() for run in runs if key in run)
@@ -171,9 +187,9 @@ def draw(runs, names, panels, titles, cfg):
     return fig
 
 
-def draw_runs(ax, series, cfg):
+def draw_runs(ax, series, cfg, seeds=True):
     """Each run that logged the metric (`series[i]` is run i's, or None) as a thin line; with
-    several, their mean (black) and band (grey) on top."""
+    several `seeds` (runs of one kind), their mean (black) and band (grey) on top."""
     several, curves = len(series) > 1, []
     for i, run in enumerate(series):
         if run is not None:
@@ -182,7 +198,7 @@ def draw_runs(ax, series, cfg):
             ax.plot(*curves[-1], color=RUN_COLORS(i), lw=0.9 if several else 1.8,
                     alpha=0.7 if several else 1.0, ms=3,
                     marker="o" if len(steps) < 30 else None)  # a lone evaluation shows
-    if several:
+    if several and seeds:
         steps, mean, low, high = aggregate(curves, cfg.band)
         ax.fill_between(steps, low, high, color="black", alpha=0.15, lw=0)
         ax.plot(steps, mean, color="black", lw=2)
@@ -224,7 +240,7 @@ def format_table(runs, names, keys, titles):
                 lines.append(f"| {title} | {name} | {values[-1]:.4g} | {steps[-1]} "
                              f"| {values[top]:.4g} | {steps[top]} |")
                 title = ""
-        if len(finals) > 1:
+        if len(finals) > 1 and alike(runs, key):
             lines.append(f"|  | mean ± std ({len(finals)} runs) | {format_mean_std(finals)} "
                          f"| | {format_mean_std(peaks)} | |")
     return "\n".join(lines) + "\n"
@@ -245,7 +261,7 @@ def main(argv=None):
     out = Path(cfg.out)
     table_path = Path(cfg.table) if cfg.table else out.with_suffix(".md")
     check_outputs(run_dirs, out, table_path)
-    runs = [read_metrics(d) for d in run_dirs]
+    runs = [own_metrics(read_metrics(d)) for d in run_dirs]
     names = [d.resolve().name for d in run_dirs]
     if len(set(names)) < len(names):  # seeds/a/run and seeds/b/run: the names as given
         names = [str(d) for d in run_dirs]

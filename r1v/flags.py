@@ -143,6 +143,8 @@ class EvalConfig(ModelFlags, DecodeFlags, SyntheticFlags):
         super().__post_init__()
         if self.merge_adapter and self.load_in_4bit:
             raise UserError("--merge_adapter cannot merge into 4-bit weights (--load_in_4bit)")
+        if self.merge_adapter and not self.adapter:  # else ignored, yet a setting resume compares
+            raise UserError("--merge_adapter merges an --adapter: give one, or leave it out")
         if self.dataset and (self.dataset.endswith(".jsonl") or self.dataset == "synthetic"):
             self.benchmark = "jsonl" if self.dataset.endswith(".jsonl") else "synthetic"
         if self.output_dir is None:

@@ -253,8 +253,12 @@ def short_line(row):
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
 
 
-def percent_correct(rows):
-    return 100.0 * sum(bool(r["correct"]) for r in rows) / len(rows) if rows else float("nan")
+def percent_correct(rows):  # of no rows: None (null in summary.json, which holds no NaN)
+    return 100.0 * sum(bool(r["correct"]) for r in rows) / len(rows) if rows else None
+
+
+def mean_of(*scores):  # a score of categories one of which had no items is None too
+    return None if None in scores else sum(scores) / len(scores)
 
 
 def detection_map(rows):
@@ -273,8 +277,8 @@ def score_cvbench(rows):
     """
     by_source = {s: percent_correct([r for r in rows if r["source"] == s])
                  for s in ("ADE20K", "COCO", "Omni3D")}
-    acc_2d = (by_source["ADE20K"] + by_source["COCO"]) / 2
-    scores = {"micro": percent_correct(rows), "official": (acc_2d + by_source["Omni3D"]) / 2,
+    acc_2d = mean_of(by_source["ADE20K"], by_source["COCO"])
+    scores = {"micro": percent_correct(rows), "official": mean_of(acc_2d, by_source["Omni3D"]),
               "2D": acc_2d, "3D": by_source["Omni3D"]}
     scores.update({task: percent_correct([r for r in rows if r["task"] == task])
                    for task in CVBENCH_TASKS})
@@ -305,6 +309,10 @@ def summarize(rows, benchmark):
             "strict": scores(rows), "lenient": scores(lenient)}
 
 
+def cell(score, width):  # a score of no items (None): "-"
+    return f"{'-' if score is None else f'{score:.2f}':>{width}}"
+
+
 def format_table(summary):
     """eval.py's table of a summary: one row of scores (grounding, detection), or a row per
     parser (multiple choice)."""
@@ -312,13 +320,13 @@ def format_table(summary):
         scores = summary["scores"]
         return ("".join(f"{k:>16}" for k in scores) + "\n"
                 + "".join(f"{summary['units'][k]:>16}" for k in scores) + "\n"
-                + "".join(f"{v:>16.2f}" for v in scores.values())
+                + "".join(cell(v, 16) for v in scores.values())
                 + f"\nitems {summary['n']}, no parsable answer: {summary['unparsed']}, mean "
                 f"response length {summary['mean_response_chars']:.0f} chars")
     keys = list(summary["strict"])
     lines = [f"{'parser':<9}" + "".join(f"{k:>10}" for k in keys) + "   (percent)"]
     for parser in ("strict", "lenient"):
-        lines.append(f"{parser:<9}" + "".join(f"{summary[parser][k]:>10.2f}" for k in keys))
+        lines.append(f"{parser:<9}" + "".join(cell(summary[parser][k], 10) for k in keys))
     lines.append(f"items {summary['n']}, no parsable <answer>: {summary['unparsed']} (lenient: "
                  f"{summary['unparsed_lenient']}), mean response length "
                  f"{summary['mean_response_chars']:.0f} chars")

@@ -215,8 +215,15 @@ def check_adapter(folder, shapes=None, model="--model"):
     """ValueError unless `folder` holds a whole peft adapter: its config, and weights whose file
     is as long as its header says (a truncated copy keeps the header, not all the tensors); with
     the base `model`'s parameter `shapes` ({name: shape}), one that fits it (adapter_fits)."""
-    path = Path(folder) / "adapter_model.safetensors"
-    for needed in (Path(folder) / "adapter_config.json", path):
+    folder = Path(folder)
+    path = folder / "adapter_model.safetensors"
+    if not folder.is_dir():
+        raise ValueError("a file, not an adapter's folder" if folder.exists() else "no such folder")
+    steps = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit()]
+    if steps and not (folder / "adapter_config.json").exists():  # the run, not a checkpoint
+        last = max(steps, key=lambda p: int(p.name[11:]))
+        raise ValueError(f"a run's folder: give one of its checkpoints, as {last}")
+    for needed in (folder / "adapter_config.json", path):
         if not needed.is_file():
             raise ValueError(f"{needed} is missing")
     try:

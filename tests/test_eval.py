@@ -40,6 +40,23 @@ def test_score_cvbench_by_hand():
     assert set(s) == {"micro", "official", "2D", "3D", "Count", "Relation", "Depth", "Distance"}
 
 
+def test_a_category_without_items_scores_null_not_nan(tmp_path):
+    """--limit 2 of CV-Bench holds no 3D item: 3D, official, Depth and Distance have no score,
+    null in summary.json (NaN is no JSON: jq and JavaScript refuse the file) and "-" in the
+    table; the 2D scores stay."""
+    rows = [{"source": "ADE20K", "task": "Count", "task_type": "choice", "response": "r",
+             "choice": 0, "correct": True, "choice_lenient": 1, "correct_lenient": False},
+            {"source": "COCO", "task": "Relation", "task_type": "choice", "response": "r",
+             "choice": None, "correct": False, "choice_lenient": 0, "correct_lenient": True}]
+    summary = metrics.summarize(rows, "cvbench")
+    strict = json.loads(json.dumps(summary), parse_constant=pytest.fail)["strict"]
+    assert strict == {"micro": 50.0, "official": None, "2D": 50.0, "3D": None, "Count": 100.0,
+                      "Relation": 0.0, "Depth": None, "Distance": None}
+    assert summary["lenient"]["Relation"] == 100.0 and summary["lenient"]["2D"] == 50.0
+    table = metrics.format_table(summary).splitlines()
+    assert table[1].split() == ["strict", "50.00", "-", "50.00", "-", "100.00", "0.00", "-", "-"]
+
+
 CHOICES = ["3", "2", "1", "0"]
 
 
@@ -243,6 +260,17 @@ def test_an_adapter_is_scored_as_trained_unless_merging_is_asked_for(tmp_path, t
     assert "merge_adapter" in evaluation.PROVENANCE  # predictions of one never resume the other
 
 
+def test_merge_adapter_without_an_adapter_is_refused():
+    """Nothing to merge: the flag was ignored, yet a base model's predictions made with it and
+    without it refused each other's resume (merge_adapter differ)."""
+    from r1v import flags
+    from r1v.cli import UserError
+
+    with pytest.raises(UserError, match="--merge_adapter merges an --adapter"):
+        flags.EvalConfig(model="m", merge_adapter=True)
+    assert flags.EvalConfig(model="m", adapter="a", merge_adapter=True).merge_adapter
+
+
 def test_the_demos_own_rows_evaluate_an_adapter(tmp_path, tiny_model_dir):
     """How the README evaluates the demo's adapter: its synthetic rows, another seed's."""
     import demo
@@ -283,3 +311,52 @@ def test_a_second_evaluation_says_how_many_predictions_it_reuses(tmp_path, tiny_
     (out / "predictions.jsonl").write_text("".join(lines[:3]))  # killed after 3
     evaluation.main(argv)
     assert f"reusing 3 predictions from {out / 'predictions.jsonl'}" in capsys.readouterr().out
+
+
+def test_edited_predictions_are_refused_not_scored_or_a_traceback(tmp_path, tiny_model_dir):
+    """A line of predictions.jsonl that is no judged row of this data's items (not an object,
+    no id, an id of no item, a key the summary reads removed, bytes not UTF-8), or an
+    eval_config.json not an object: one line naming the file, nothing scored."""
+    import shutil
+
+    from r1v.cli import UserError
+
+    out = tmp_path / "e"
+    argv = ["--model", tiny_model_dir, "--dataset", "synthetic", "--synthetic_tasks",
+            "background", "--synthetic_image_size", "56", "--limit", "2", "--max_new_tokens", "2"]
+    evaluation.main([*argv, "--output_dir", str(out)])
+    good = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    row = json.loads(good[1])
+    edits = {"[1, 2]\n": ":2:", json.dumps({k: v for k, v in row.items() if k != "id"}): ":2:",
+             json.dumps({**row, "id": "7"}): ":2:", json.dumps({**row, "id": ["1"]}): ":2:",
+             json.dumps({k: v for k, v in row.items() if k != "correct"}): ":2:",
+             b"\xff\xfe\n": " cannot be read"}
+    for i, (line, message) in enumerate(edits.items()):
+        edited = tmp_path / f"edited{i}"
+        shutil.copytree(out, edited)
+        text = good[0].encode() + (line if isinstance(line, bytes) else line.encode() + b"\n")
+        (edited / "predictions.jsonl").write_bytes(text)
+        with pytest.raises(UserError, match=f"predictions.jsonl{message}.*--overwrite"):
+            evaluation.main([*argv, "--output_dir", str(edited)])
+        assert (edited / "predictions.jsonl").read_bytes() == text  # kept as it was
+    (out / "eval_config.json").write_text("[]")
+    with pytest.raises(UserError, match="eval_config.json cannot be read.*not a JSON object"):
+        evaluation.main([*argv, "--output_dir", str(out)])
+
+
+@pytest.mark.parametrize("given,message", [
+    ("run", "a run's folder: give one of its checkpoints, as .*checkpoint-10$"),
+    ("run/checkpoint-10/adapter_config.json", "a file, not an adapter's folder"),
+    ("nowhere", "no such folder")])
+def test_an_adapter_that_is_no_adapter_folder_says_what_it_is(tmp_path, given, message):
+    """--adapter a run's folder (as train.py's --output_dir is named), a file of a checkpoint,
+    a typo: said as such, not as a missing adapter_config.json, before any model is read."""
+    from r1v.cli import UserError
+
+    for step in (2, 10):  # the latest by number, not by name (checkpoint-2 sorts after -10)
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match=f"^--adapter {tmp_path / given}: {message}"):
+        evaluation.main(["--model", str(tmp_path / "no-model"), "--adapter",
+                         str(tmp_path / given), "--output_dir", str(tmp_path / "e")])
+    assert not (tmp_path / "e").exists()

@@ -280,3 +280,19 @@ def test_a_custom_reward_and_runs_of_two_kinds(runs, tmp_path):
               if not line.startswith("|  |")]
     assert titles[0] == "Accuracy reward" and titles.index("Held-out accuracy") < titles.index(
         "SFT loss")
+
+
+def test_a_grpo_runs_loss_is_no_sft_loss(runs, tmp_path):
+    """GRPO logs `loss` too (its policy loss, near 0): beside an SFT run it is not drawn nor
+    tabled as "SFT loss", nor averaged with the SFT run's NLL; runs of two kinds are no seeds,
+    so no metric gets their mean."""
+    grpo = write_run(tmp_path / "grpo", {ACC: [0.2, 0.5], FMT: [1.0, 1.0], "loss": [1e-4, 2e-4],
+                                         EVAL: [None, 0.4], "rewards/iou/mean": [0.1, 0.3]})
+    sft = write_run(tmp_path / "sft", {"loss": [2.0, 1.0], "mean_token_accuracy": [0.3, 0.6],
+                                       EVAL: [None, 0.5]})
+    report.main([grpo, sft, "--out", str(tmp_path / "r.png")])
+    table = (tmp_path / "r.md").read_text()
+    assert section(table, "SFT loss") == ["| SFT loss | sft | 1 | 2 | 2 | 1 |"]
+    assert section(table, "Held-out accuracy") == [  # no seeds of one run: no mean
+        "| Held-out accuracy | grpo | 0.4 | 2 | 0.4 | 2 |", "|  | sft | 0.5 | 2 | 0.5 | 2 |"]
+    assert section(table, "Reward iou") == ["| Reward iou | grpo | 0.3 | 2 | 0.3 | 2 |"]
