@@ -173,7 +173,7 @@ def check_fit(cfg, config):
     model.check_positions(config, cfg.max_new_tokens, "--max_new_tokens")
     try:
         cfg.adapter and runs.check_adapter(cfg.adapter, model.parameter_shapes(config),
-                                           f"--model {cfg.model}")
+                                           f"--model {cfg.model}", model.model_class(config))
     except ValueError as e:
         raise UserError(f"--adapter {cfg.adapter}: {e}") from e
 

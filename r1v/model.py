@@ -93,6 +93,14 @@ def parameter_shapes(config):
     return {name: tuple(p.shape) for name, p in base.named_parameters()}
 
 
+def model_class(config):
+    """The class name AutoModelForImageTextToText loads for `config` (peft records an adapter's
+    base class by this name)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type)
+
+
 def check_positions(config, tokens, what):
     """`tokens` (a prompt and completion's most) within the text model's positions: past them
     RoPE runs on positions never trained, and a step takes hours."""

@@ -152,9 +152,12 @@ def generate_in_calls(model, processor, examples, gen_config, group_size, batch_
                       max_prompt_length=None, decoder=None):
     """`generate` in calls of at most `batch_size` sequences (0: one call), each group whole in
     one call: the KV cache then holds `batch_size` sequences, not all N. With a `decoder` a
-    short last call is filled up with copies of its last prompt, dropped: every call has the
-    cache's shape. The Rollout and texts are as one call's (greedy: the same tokens)."""
+    short call (the last; a preview's short batch) is filled up with copies of its last prompt,
+    dropped: every call has the cache's shape. The Rollout and texts are as one call's (greedy:
+    the same tokens)."""
     per_call = min(batch_size // group_size or len(examples), len(examples))  # prompts
+    if decoder:  # its cache's prompts (sized by the run's calls), not fewer: no new cache
+        per_call = max(per_call, decoder.batch_size // group_size)
     parts, texts = [], []
     for start in range(0, len(examples), per_call):
         batch = examples[start:start + per_call]

@@ -211,10 +211,11 @@ def file_hash(path):
     return digest.hexdigest()
 
 
-def check_adapter(folder, shapes=None, model="--model"):
+def check_adapter(folder, shapes=None, model="--model", base_class=None):
     """ValueError unless `folder` holds a whole peft adapter: its config, and weights whose file
     is as long as its header says (a truncated copy keeps the header, not all the tensors); with
-    the base `model`'s parameter `shapes` ({name: shape}), one that fits it (adapter_fits)."""
+    the base `model`'s parameter `shapes` ({name: shape}) and class name, one that fits it
+    (adapter_fits)."""
     folder = Path(folder)
     path = folder / "adapter_model.safetensors"
     if not folder.is_dir():
@@ -245,14 +246,21 @@ def check_adapter(folder, shapes=None, model="--model"):
             raise ValueError(f"{Path(folder) / 'adapter_config.json'} cannot be read ({e})") from e
         if not isinstance(config, dict):
             raise ValueError(f"{Path(folder) / 'adapter_config.json'} is not a peft config")
-        adapter_fits(config, header, shapes, model)
+        adapter_fits(config, header, shapes, model, base_class)
 
 
-def adapter_fits(config, header, shapes, model):
+def adapter_fits(config, header, shapes, model, base_class=None):
     """ValueError unless an adapter (its adapter_config.json `config`, its safetensors `header`)
-    fits the base `model` of parameter `shapes`: each target module one of its modules, each
-    tensor one of its layers with its sizes, each LoRA of rank r. Peft finds these only once the
-    model has loaded, as a traceback."""
+    fits the base `model` of parameter `shapes` and class `base_class`: trained on that class
+    (as peft records it), each target module one of its modules, each tensor one of its layers
+    with its sizes, each LoRA of rank r. Peft finds these only once the model has loaded, as a
+    traceback."""
+    # Another family's adapter can have every name and size right (Qwen2-VL-7B's language
+    # model is Qwen2.5-VL-7B's shape): it would load silently and score as noise.
+    trained_on = (config.get("auto_mapping") or {}).get("base_model_class")
+    if base_class and trained_on and trained_on != base_class:
+        raise ValueError(f"it was trained on a {trained_on}, but {model} is a {base_class} "
+                         "(an adapter of another model family)")
     modules = {n.rsplit(".", 1)[0]: s for n, s in shapes.items() if n.endswith(".weight")}
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":  # peft: a regex, matched in full

@@ -360,3 +360,20 @@ def test_an_adapter_that_is_no_adapter_folder_says_what_it_is(tmp_path, given, m
         evaluation.main(["--model", str(tmp_path / "no-model"), "--adapter",
                          str(tmp_path / given), "--output_dir", str(tmp_path / "e")])
     assert not (tmp_path / "e").exists()
+
+
+def test_another_familys_adapter_of_the_same_shapes_is_refused(tmp_path, tiny_model_dir,
+                                                                tiny_qwen3_dir):
+    """A Qwen2-VL adapter on a Qwen3-VL base whose language model has the same names and sizes
+    (as Qwen2-VL-7B's and Qwen2.5-VL-7B's have): one line naming both classes, before any model
+    loads; not answers of the wrong model scored as the adapter's."""
+    from r1v.cli import UserError
+
+    adapter = a_moved_adapter(tiny_model_dir, tmp_path / "adapter")
+    with pytest.raises(UserError, match=r"--adapter .*: it was trained on a "
+                                        r"Qwen2VLForConditionalGeneration, but --model .* is a "
+                                        r"Qwen3VLForConditionalGeneration"):
+        evaluation.main(["--model", tiny_qwen3_dir, "--adapter", adapter, "--dataset",
+                         "synthetic", "--limit", "2", "--max_new_tokens", "2", "--output_dir",
+                         str(tmp_path / "e")])
+    assert not (tmp_path / "e" / "predictions.jsonl").exists()

@@ -68,6 +68,23 @@ def test_a_short_last_call_is_filled_to_the_static_caches_shape(tiny_model_dir):
     assert decoder.stats() == {"decode_compiles": 1, "decode_graph_breaks": 0}
 
 
+
+@pytest.mark.parametrize("batch_size", [0, 4])
+def test_a_batch_shorter_than_the_cache_is_filled_to_its_shape(tiny_model_dir, batch_size):
+    """--preview_rewards' last batch may hold fewer prompts than the cache was sized for (5 of
+    4-prompt batches): filled to the cache's shape, not a new cache and a second compile (on a
+    GPU, another minute of CUDA-graph capture in a preview meant to be quick)."""
+    model, processor = lora_model(tiny_model_dir)
+    examples = examples_of_sizes(SIZES[:1])
+    gen = policy.generation_config(processor, max_new_tokens=6, greedy=True)
+    one, one_texts = policy.generate(model, processor, examples, gen, group_size=2)
+    decoder = decode.Decoder(model, 4, 200, compile=True, backend="eager")
+    rollout, texts = policy.generate_in_calls(model, processor, examples, gen, 2, batch_size,
+                                              decoder=decoder)
+    assert decoder.batch_size == 4 and texts == one_texts and len(rollout) == 2
+    assert_same_rollout(rollout, one)
+    assert decoder.stats() == {"decode_compiles": 1, "decode_graph_breaks": 0}
+
 def test_the_flag_takes_whole_groups():
     with pytest.raises(UserError, match="--generation_batch_size 12: .* multiple of "
                                         "--num_generations 8"):
