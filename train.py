@@ -475,7 +475,7 @@ def train(cfg):
         if run is None:  # nothing was left to train
             return None
         cleanup.callback(procs.accelerator.end_training)  # flushes the tracker, on errors too
-        stop = cleanup.enter_context(processes.stop_on_sigint(procs.main))
+        stop = cleanup.enter_context(processes.stop_on_signals(procs.main))
         gen_config = generation_config(run, cfg)
         report, row, saved, stopping = metrics.report_once(), {}, None, False
         on_reward_error = metrics.FirstErrors(metrics.on_reward_error(report))
@@ -526,7 +526,7 @@ def train(cfg):
             if stopping:
                 break
         procs.accelerator.wait_for_everyone()  # the last checkpoint is complete when any ends
-    return finish(run, row, saved, stopping, started, procs.main)
+    return finish(run, row, saved, stopping and stop["status"], started, procs.main)
 
 
 # --- before a run: the rewards' signal (README "Prototyping a reward") ---------------------------
@@ -567,8 +567,8 @@ def rescore(cfg):
 
 
 def finish(run, row, saved, stopping, started, main_process):
-    """The run's last line: steps, time, last reward, reward errors, where the adapter is;
-    Ctrl-C exits 130."""
+    """The run's last line: steps, time, last reward, reward errors, where the adapter is; a run
+    stopped by a signal exits with `stopping`, its status (Ctrl-C 130, SIGTERM 143)."""
     minutes, step = (time.time() - started) / 60, row.get("step", run.start_step)
     reward = f", last reward {row['reward']:.3f}" if "reward" in row else ""
     if run.counters["reward_errors"]:
@@ -578,7 +578,7 @@ def finish(run, row, saved, stopping, started, main_process):
         if main_process:
             print(f"interrupted at step {step} after {minutes:.1f} min{reward}: saved {saved}; "
                   "continue with the same command plus --resume")
-        sys.exit(130)
+        sys.exit(stopping)
     if main_process:
         print(f"done: {step} steps in {minutes:.1f} min{reward}; the adapter is in {saved}")
     return run.out

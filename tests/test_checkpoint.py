@@ -145,7 +145,8 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_file):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # SIGTERM: a preemption
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_file, signum):
     out = tmp_path / "run"
     args = run_args(tiny_model_dir, out, reward_file, max_steps=50, save_steps=0)
     p = start(args)
@@ -154,8 +155,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_fi
         and (out / "metrics.jsonl").read_text().count("\n") >= 1,
         p,
     )
-    p.send_signal(signal.SIGINT)
-    assert p.wait(300) == 130  # scripts can tell an interrupted run from a finished one
+    p.send_signal(signum)
+    # scripts can tell an interrupted run from a finished one, and by which signal
+    assert p.wait(300) == 128 + signum
     out_text = "".join(p.communicate())
     assert "stopping after this step" in out_text and "interrupted at step" in out_text
     (checkpoint,) = runs.list_checkpoints(out)

@@ -63,6 +63,16 @@ def test_share_splits_a_batch_in_order_whatever_the_number_of_processes():
 
 
 @pytest.mark.slow
+def test_sigterm_stops_after_the_step_as_ctrl_c_does():
+    # a cluster's preemption sends SIGTERM: the step's work is saved, as on Ctrl-C
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(signum)
+        with processes.stop_on_signals(main_process=False) as stop:
+            os.kill(os.getpid(), signum)
+            assert stop["requested"] and stop["status"] == 128 + signum
+        assert signal.getsignal(signum) is before
+
+
 def test_two_processes_make_the_one_process_update(tmp_path, tiny_model_dir):
     """The same batch of 8, one process vs two (4 + 4, cut into micro-batches of 3 differently):
     equal gradients and stats, for the GRPO loss, DAPO's through Liger, QLoRA and SFT."""
