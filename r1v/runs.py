@@ -41,7 +41,14 @@ def writable_dir(path, flag):
 
 def held_run(out, resume, overwrite):
     """The files of the run `out` already holds, which --overwrite clears once every check has
-    passed (none with --resume). A run is never reused silently, nor a config.json not a run's."""
+    passed (none with --resume). A run is never reused silently, nor a config.json not a run's,
+    nor a checkpoint (its config.json would be written over; its run's rotation deletes it)."""
+    checkpoint = next((p for p in (out, *out.resolve().parents)
+                       if (p / "trainer_state.pt").is_file()), None)
+    if checkpoint:
+        raise UserError(f"--output_dir {out} is {'inside ' if checkpoint != out else ''}the "
+                        f"checkpoint {checkpoint}: choose another --output_dir (to continue its "
+                        "run, --output_dir RUN --resume)")
     if (out / "config.json").is_file() and b'"objective"' not in (out / "config.json").read_bytes():
         raise UserError(f"--output_dir {out}: its config.json is not a run's (a model's?); "
                         "choose another --output_dir")

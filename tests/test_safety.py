@@ -299,6 +299,20 @@ def test_a_folder_with_a_config_json_not_a_runs_is_not_written_over(tmp_path, ti
     assert steps(out) == [1]
 
 
+def test_a_checkpoint_or_a_folder_inside_one_is_no_output_dir(tmp_path, tiny_model_dir):
+    """A run in a checkpoint would write its config.json over the checkpoint's, and go when
+    the checkpoint's run rotates it out (--save_total_limit)."""
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(b"state")
+    (checkpoint / "config.json").write_text('{"objective": "grpo"}')
+    before = checksums(checkpoint)
+    for out, where in ((checkpoint, "is the"), (checkpoint / "eval", "is inside the")):
+        with pytest.raises(UserError, match=f"--output_dir .*{where} checkpoint .*checkpoint-6"):
+            train.train(train.parse_config(args(tiny_model_dir, out, "--overwrite")))
+    assert checksums(checkpoint) == before and not (checkpoint / "eval").exists()
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--epsilon_low", "1.5"), "--epsilon_low must be below 1"),
     (("--reward_weights", "0", "0"), "--reward_weights are all 0: every advantage would be 0"),
