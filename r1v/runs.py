@@ -54,13 +54,18 @@ def held_run(out, resume, overwrite):
                         "choose another --output_dir")
     held = [p.name for p in out.iterdir()
             if p.name == "metrics.jsonl" or p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))]
-    if not held or resume:
+    # --resume PATH of another folder's run would mix that run's steps into this one's log
+    other = resume not in (None, "latest") and Path(resume).is_dir() and not os.path.samefile(
+        Path(resume).parent, out)
+    if not held or (resume and not other):
         return []
     held += [p.name for p in out.iterdir() if p.name in RUN_FILES and p.name not in held]
     if not overwrite:
         raise UserError(f"--output_dir {out} already holds a run ({', '.join(sorted(held))}); "
-                        "add --resume to continue it, --overwrite to start afresh, or choose "
-                        "another --output_dir")
+                        + (f"--resume {resume} is another run's checkpoint: resume it into a new "
+                           "--output_dir, or add --overwrite to replace this run" if other else
+                           "add --resume to continue it, --overwrite to start afresh, or choose "
+                           "another --output_dir"))
     return sorted(held)
 
 
@@ -374,7 +379,9 @@ def to_resume(out, resume, current, resumable, max_steps, inputs):
                    "to go on")
         return None
     later = [c for c in list_checkpoints(out) if int(c.name.split("-")[1]) > state["step"]]
-    if later and resume != "latest":  # else the later ones are unreadable, and warned of
+    # "latest": the later ones are unreadable, and warned of; another folder's: --overwrite
+    # clears this folder's run (runs.held_run)
+    if later and resume != "latest" and os.path.samefile(path.parent, out):
         raise UserError(f"--resume {path}: the run went on to {later[-1].name}; to go back to "
                         f"step {state['step']}, move {', '.join(c.name for c in later)} out of "
                         f"{out} first (the log past it is cut); to go on, --resume alone")

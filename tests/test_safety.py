@@ -299,6 +299,22 @@ def test_a_folder_with_a_config_json_not_a_runs_is_not_written_over(tmp_path, ti
     assert steps(out) == [1]
 
 
+def test_resuming_another_folders_checkpoint_into_a_run_is_refused(tmp_path, tiny_model_dir):
+    """Into a folder holding a run of its own, the other run's steps would follow this one's in
+    metrics.jsonl (steps 1, 2, 3, 7, 8), beside its checkpoints; with --overwrite, they go."""
+    out, other = tmp_path / "run", tmp_path / "other" / "checkpoint-6"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    other.mkdir(parents=True)
+    before = checksums(out)
+    with pytest.raises(UserError, match=r"already holds a run \(checkpoint-2, metrics.jsonl\); "
+                       r"--resume .*checkpoint-6 is another run's checkpoint"):
+        train.train(train.parse_config(args(tiny_model_dir, out, "--resume", str(other))))
+    assert checksums(out) == before
+    assert runs.held_run(out, str(other), overwrite=True) == ["checkpoint-2", "metrics.jsonl"]
+    assert runs.held_run(out, str(out / "checkpoint-2"), overwrite=False) == []  # its own
+
+
 def test_a_checkpoint_or_a_folder_inside_one_is_no_output_dir(tmp_path, tiny_model_dir):
     """A run in a checkpoint would write its config.json over the checkpoint's, and go when
     the checkpoint's run rotates it out (--save_total_limit)."""
