@@ -8,6 +8,7 @@ sums the gradients over the processes. With one process, every method here is th
 import contextlib
 import signal
 import time
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -30,8 +31,11 @@ class Processes:
     GPUs, gloo on CPU), alone otherwise; it holds the --report_to tracker."""
 
     def __init__(self, project_dir=None, report_to="none", prompts_per_step=None):
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), project_dir=project_dir,
-                                       log_with=None if report_to == "none" else report_to)
+        with warnings.catch_warnings():  # a tracker not installed: start_tracker's error says it
+            warnings.filterwarnings("ignore", "`log_with=")
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                           project_dir=project_dir,
+                                           log_with=None if report_to == "none" else report_to)
         self.device, self.rank = self.accelerator.device, self.accelerator.process_index
         self.world, self.main = self.accelerator.num_processes, self.accelerator.is_main_process
         if prompts_per_step and prompts_per_step % self.world:
@@ -75,6 +79,9 @@ class Processes:
         OUTPUT_DIR/r1v, where a resumed run drops what was logged after its checkpoint."""
         if report_to == "none":
             return
+        if not self.accelerator.log_with:  # accelerate drops one not installed, and logs nowhere
+            raise UserError(f"--report_to {report_to}: {report_to} is not installed (pip install "
+                            f"{report_to}), so nothing would be logged there")
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)  # tensorboard's
                    for k, v in config.items()}
         try:

@@ -16,6 +16,7 @@ import torch
 
 import train
 from r1v import processes, runs
+from r1v.cli import UserError
 from test_checkpoint import metrics, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,6 +221,16 @@ def test_tensorboard_logs_the_metrics_and_a_resume_drops_what_came_after_its_che
     assert [s for s, _ in again] == [1, 2, 3]  # step 3 once: the resumed run's
     assert again[:2] == first[:2]
     assert [r["loss"] for r in metrics(out)] == pytest.approx([v for _, v in again], rel=1e-6)
+
+
+def test_a_tracker_not_installed_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch):
+    import accelerate.accelerator
+
+    monkeypatch.setattr(accelerate.accelerator, "filter_trackers", lambda *_: [])  # as if absent
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="--report_to tensorboard: tensorboard is not installed"):
+        train.main(tiny_args(tiny_model_dir, out, "--max_steps", 1, "--report_to", "tensorboard"))
+    assert not out.exists()  # no run trained, logged nowhere
 
 
 def test_wandb_offline_logs_the_run(tiny_model_dir, tmp_path, monkeypatch):
