@@ -55,8 +55,8 @@ def held_run(out, resume, overwrite):
     held = [p.name for p in out.iterdir()
             if p.name == "metrics.jsonl" or p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))]
     # --resume PATH of another folder's run would mix that run's steps into this one's log
-    other = resume not in (None, "latest") and Path(resume).is_dir() and not os.path.samefile(
-        Path(resume).parent, out)
+    other = resume not in (None, "latest") and (Path(resume) / "trainer_state.pt").is_file() \
+        and not os.path.samefile(Path(resume).parent, out)
     if not held or (resume and not other):
         return []
     held += [p.name for p in out.iterdir() if p.name in RUN_FILES and p.name not in held]

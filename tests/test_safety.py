@@ -306,6 +306,7 @@ def test_resuming_another_folders_checkpoint_into_a_run_is_refused(tmp_path, tin
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
     other.mkdir(parents=True)
+    (other / "trainer_state.pt").write_bytes(b"state")
     before = checksums(out)
     with pytest.raises(UserError, match=r"already holds a run \(checkpoint-2, metrics.jsonl\); "
                        r"--resume .*checkpoint-6 is another run's checkpoint"):
@@ -313,6 +314,8 @@ def test_resuming_another_folders_checkpoint_into_a_run_is_refused(tmp_path, tin
     assert checksums(out) == before
     assert runs.held_run(out, str(other), overwrite=True) == ["checkpoint-2", "metrics.jsonl"]
     assert runs.held_run(out, str(out / "checkpoint-2"), overwrite=False) == []  # its own
+    with pytest.raises(UserError, match="trainer_state.pt is missing"):  # not a checkpoint
+        train.train(train.parse_config(args(tiny_model_dir, out, "--resume", str(out))))
 
 
 def test_a_checkpoint_or_a_folder_inside_one_is_no_output_dir(tmp_path, tiny_model_dir):
