@@ -193,7 +193,10 @@ def save_checkpoint(out, step, model, state, config, keep=0):
                         "with --resume") from e
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in list_checkpoints(out)[:-keep] if keep > 0 else ():
+    # the newest `keep` up to this step: a later one is a torn leftover a resume skipped, and
+    # counting it would delete the checkpoint just written
+    done = [c for c in list_checkpoints(out) if int(c.name.split("-")[1]) <= step]
+    for old in done[:-keep] if keep > 0 else ():
         shutil.rmtree(old, ignore_errors=True)
     return final
 

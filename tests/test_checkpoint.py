@@ -133,6 +133,18 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     assert {p: p.read_bytes() for p in before} == before  # the kept checkpoints as they were
 
 
+def test_save_total_limit_never_deletes_the_checkpoint_just_written(tmp_path, tiny_model_dir):
+    """A resume skipped a later, torn checkpoint-9 (power lost after its rename): the rotation
+    keeps the newest up to this step, not the torn one in place of the new."""
+    cfg = train.parse_config(["--model", tiny_model_dir, "--lora_r", "2", "--lora_alpha", "4"])
+    model = train.load_model(cfg, torch.device("cpu"))
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "checkpoint-9" / "trainer_state.pt").write_bytes(b"")  # torn
+    for step in (3, 4):
+        runs.save_checkpoint(tmp_path, step, model, {}, {}, keep=1)
+    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-9"]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     cfg = train.parse_config(
         [
