@@ -351,7 +351,10 @@ def find_checkpoint(out, resume):
             raise
         except ValueError as e:
             tqdm.write(f"warning: skipping {path}: {e}")
-    raise UserError(f"--resume: no complete checkpoint in {out}; start without --resume")
+    logged = (Path(out) / "metrics.jsonl").is_file()  # killed before its first checkpoint
+    raise UserError(f"--resume: no complete checkpoint in {out}; start afresh without --resume"
+                    + (" and with --overwrite (no checkpoint kept its logged steps)" if logged
+                       else ""))
 
 
 def to_resume(out, resume, current, resumable, max_steps, inputs):

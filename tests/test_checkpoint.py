@@ -154,6 +154,10 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     )
     with pytest.raises(UserError, match="no complete checkpoint"):
         train.train(cfg)
+    # killed before its first checkpoint: without --resume alone, it "already holds a run"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="start afresh without --resume and with --overwrite"):
+        train.train(cfg)
 
 
 @pytest.mark.slow
