@@ -288,6 +288,8 @@ def check_inputs(cfg, procs):
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
     held = [] if cfg.preview_rewards else runs.held_run(out, cfg.resume, cfg.overwrite)  # kept
+    runs.check_kept(out, held, {"--model": cfg.model, "--dataset": cfg.dataset,
+                                "--eval_dataset": cfg.eval_dataset})
     pixels = data.View(cfg.min_pixels, cfg.max_pixels)  # the model's prompt and frame come later
     dataset = data.load_examples(cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
                                  pixels, "--dataset", cfg.synthetic_tasks, cfg.synthetic_image_size)

@@ -69,6 +69,18 @@ def held_run(out, resume, overwrite):
     return sorted(held)
 
 
+def check_kept(out, held, inputs):
+    """--overwrite clears `held` from `out`: refused if one of the run's `inputs` ({flag: path},
+    say --model RUN/demo-base) is among them, as the run would then load what it deleted."""
+    for flag, path in inputs.items():
+        found = path and Path(path).exists() and Path(path).resolve()
+        for name in held if found else ():
+            cleared = out / name  # a link goes, not what it points to
+            if not cleared.is_symlink() and cleared.resolve() in (found, *found.parents):
+                raise UserError(f"--overwrite would delete {flag} {path} (in {cleared}): move it "
+                                "out of --output_dir first, or choose another --output_dir")
+
+
 def clear(out, names):
     for name in names:
         path = out / name  # a link (to an archive disk, say) goes, not what it points to

@@ -5,6 +5,7 @@ mid-run is skipped and counted, and eval.py never reports one model's results as
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,19 @@ def test_resuming_another_folders_checkpoint_into_a_run_is_refused(tmp_path, tin
     assert runs.held_run(out, str(out / "checkpoint-2"), overwrite=False) == []  # its own
     with pytest.raises(UserError, match="trainer_state.pt is missing"):  # not a checkpoint
         train.train(train.parse_config(args(tiny_model_dir, out, "--resume", str(out))))
+
+
+def test_overwrite_never_deletes_the_model_the_run_loads(tmp_path, tiny_model_dir):
+    """--model RUN/demo-base --output_dir RUN --overwrite: the old run's demo-base was cleared,
+    then the new run could not load it; the old run and the warmed-up model were both lost."""
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    shutil.copytree(tiny_model_dir, out / "demo-base")
+    before = checksums(out)
+    with pytest.raises(UserError, match=r"--overwrite would delete --model .*demo-base"):
+        train.train(train.parse_config(args(str(out / "demo-base"), out, "--overwrite")))
+    assert checksums(out) == before
 
 
 def test_a_checkpoint_or_a_folder_inside_one_is_no_output_dir(tmp_path, tiny_model_dir):
