@@ -288,6 +288,8 @@ def check_inputs(cfg, procs):
     given = cfg.reward_funcs and rewards.load_rewards(cfg.reward_funcs, cfg.reward_weights)
     out = runs.writable_dir(cfg.output_dir, "--output_dir")
     held = [] if cfg.preview_rewards else runs.held_run(out, cfg.resume, cfg.overwrite)  # kept
+    runs.check_kept(out, held, {"--model": cfg.model, "--dataset": cfg.dataset,
+                                "--eval_dataset": cfg.eval_dataset})
     pixels = data.View(cfg.min_pixels, cfg.max_pixels)  # the model's prompt and frame come later
     dataset = data.load_examples(cfg.dataset, cfg.dataset_split, cfg.dataset_limit, cfg.seed,
                                  pixels, "--dataset", cfg.synthetic_tasks, cfg.synthetic_image_size)
@@ -475,7 +477,7 @@ def train(cfg):
         if run is None:  # nothing was left to train
             return None
         cleanup.callback(procs.accelerator.end_training)  # flushes the tracker, on errors too
-        stop = cleanup.enter_context(processes.stop_on_sigint(procs.main))
+        stop = cleanup.enter_context(processes.stop_on_signals(procs.main))
         gen_config = generation_config(run, cfg)
         report, row, saved, stopping = metrics.report_once(), {}, None, False
         on_reward_error = metrics.FirstErrors(metrics.on_reward_error(report))
@@ -526,7 +528,7 @@ def train(cfg):
             if stopping:
                 break
         procs.accelerator.wait_for_everyone()  # the last checkpoint is complete when any ends
-    return finish(run, row, saved, stopping, started, procs.main)
+    return finish(run, row, saved, stopping and stop["status"], started, procs.main)
 
 
 # --- before a run: the rewards' signal (README "Prototyping a reward") ---------------------------
@@ -571,8 +573,8 @@ def rescore(cfg):
 
 
 def finish(run, row, saved, stopping, started, main_process):
-    """The run's last line: steps, time, last reward, reward errors, where the adapter is;
-    Ctrl-C exits 130."""
+    """The run's last line: steps, time, last reward, reward errors, where the adapter is; a run
+    stopped by a signal exits with `stopping`, its status (Ctrl-C 130, SIGTERM 143)."""
     minutes, step = (time.time() - started) / 60, row.get("step", run.start_step)
     reward = f", last reward {row['reward']:.3f}" if "reward" in row else ""
     if run.counters["reward_errors"]:
@@ -582,7 +584,7 @@ def finish(run, row, saved, stopping, started, main_process):
         if main_process:
             print(f"interrupted at step {step} after {minutes:.1f} min{reward}: saved {saved}; "
                   "continue with the same command plus --resume")
-        sys.exit(130)
+        sys.exit(stopping)
     if main_process:
         print(f"done: {step} steps in {minutes:.1f} min{reward}; the adapter is in {saved}")
     return run.out

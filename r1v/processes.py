@@ -1,4 +1,4 @@
-"""Several processes (detail 15), the --report_to tracker, and Ctrl-C.
+"""Several processes (detail 15), the --report_to tracker, and Ctrl-C or SIGTERM.
 
 `accelerate launch` or `torchrun` starts one copy of train.py per GPU (or CPU process). Each
 takes its share of the step's prompts, generates and scores their completions, and the update
@@ -8,6 +8,7 @@ sums the gradients over the processes. With one process, every method here is th
 import contextlib
 import signal
 import time
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -30,8 +31,11 @@ class Processes:
     GPUs, gloo on CPU), alone otherwise; it holds the --report_to tracker."""
 
     def __init__(self, project_dir=None, report_to="none", prompts_per_step=None):
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), project_dir=project_dir,
-                                       log_with=None if report_to == "none" else report_to)
+        with warnings.catch_warnings():  # a tracker not installed: start_tracker's error says it
+            warnings.filterwarnings("ignore", "`log_with=")
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                           project_dir=project_dir,
+                                           log_with=None if report_to == "none" else report_to)
         self.device, self.rank = self.accelerator.device, self.accelerator.process_index
         self.world, self.main = self.accelerator.num_processes, self.accelerator.is_main_process
         if prompts_per_step and prompts_per_step % self.world:
@@ -75,6 +79,9 @@ class Processes:
         OUTPUT_DIR/r1v, where a resumed run drops what was logged after its checkpoint."""
         if report_to == "none":
             return
+        if not self.accelerator.log_with:  # accelerate drops one not installed, and logs nowhere
+            raise UserError(f"--report_to {report_to}: {report_to} is not installed (pip install "
+                            f"{report_to}), so nothing would be logged there")
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)  # tensorboard's
                    for k, v in config.items()}
         try:
@@ -100,25 +107,27 @@ def gather_stats(procs, loss, stats):
 
 
 @contextlib.contextmanager
-def stop_on_sigint(main_process=True):
-    """While inside, the first Ctrl-C only sets a flag: the loop finishes its step, saves and
-    exits; a second one, a second or more later, stops at once. (Under a launcher each process
-    gets Ctrl-C twice at once: from the terminal, and forwarded by the launcher.)"""
-    stop = {"requested": False, "at": 0.0}
+def stop_on_signals(main_process=True):
+    """While inside, the first Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption, `kill`) only
+    sets a flag: the loop finishes its step, saves and exits with 128 + the signal's number; a
+    second one, a second or more later, stops at once. (Under a launcher each process gets the
+    signal twice at once: from the terminal or the scheduler, and forwarded by the launcher.)"""
+    stop = {"requested": False, "at": 0.0, "status": 130}
+    names = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
-    def handle(*_):
+    def handle(signum, _):
         if stop["requested"]:
             if time.time() - stop["at"] >= 1.0:
                 raise KeyboardInterrupt
             return
-        stop.update(requested=True, at=time.time())
+        stop.update(requested=True, at=time.time(), status=128 + signum)
         if main_process:
-            tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint "
-                       "(Ctrl-C again to stop at once, unsaved)")
+            tqdm.write(f"{names[signum]}: stopping after this step and saving a checkpoint "
+                       f"({names[signum]} again to stop at once, unsaved)")
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {signum: signal.signal(signum, handle) for signum in names}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
-
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -41,20 +41,44 @@ def writable_dir(path, flag):
 
 def held_run(out, resume, overwrite):
     """The files of the run `out` already holds, which --overwrite clears once every check has
-    passed (none with --resume). A run is never reused silently, nor a config.json not a run's."""
+    passed (none with --resume). A run is never reused silently, nor a config.json not a run's,
+    nor a checkpoint (its config.json would be written over; its run's rotation deletes it)."""
+    checkpoint = next((p for p in (out, *out.resolve().parents)
+                       if (p / "trainer_state.pt").is_file()), None)
+    if checkpoint:
+        raise UserError(f"--output_dir {out} is {'inside ' if checkpoint != out else ''}the "
+                        f"checkpoint {checkpoint}: choose another --output_dir (to continue its "
+                        "run, --output_dir RUN --resume)")
     if (out / "config.json").is_file() and b'"objective"' not in (out / "config.json").read_bytes():
         raise UserError(f"--output_dir {out}: its config.json is not a run's (a model's?); "
                         "choose another --output_dir")
     held = [p.name for p in out.iterdir()
             if p.name == "metrics.jsonl" or p.name.startswith(("checkpoint-", ".tmp-checkpoint-"))]
-    if not held or resume:
+    # --resume PATH of another folder's run would mix that run's steps into this one's log
+    other = resume not in (None, "latest") and (Path(resume) / "trainer_state.pt").is_file() \
+        and not os.path.samefile(Path(resume).parent, out)
+    if not held or (resume and not other):
         return []
     held += [p.name for p in out.iterdir() if p.name in RUN_FILES and p.name not in held]
     if not overwrite:
         raise UserError(f"--output_dir {out} already holds a run ({', '.join(sorted(held))}); "
-                        "add --resume to continue it, --overwrite to start afresh, or choose "
-                        "another --output_dir")
+                        + (f"--resume {resume} is another run's checkpoint: resume it into a new "
+                           "--output_dir, or add --overwrite to replace this run" if other else
+                           "add --resume to continue it, --overwrite to start afresh, or choose "
+                           "another --output_dir"))
     return sorted(held)
+
+
+def check_kept(out, held, inputs):
+    """--overwrite clears `held` from `out`: refused if one of the run's `inputs` ({flag: path},
+    say --model RUN/demo-base) is among them, as the run would then load what it deleted."""
+    for flag, path in inputs.items():
+        found = path and Path(path).exists() and Path(path).resolve()
+        for name in held if found else ():
+            cleared = out / name  # a link goes, not what it points to
+            if not cleared.is_symlink() and cleared.resolve() in (found, *found.parents):
+                raise UserError(f"--overwrite would delete {flag} {path} (in {cleared}): move it "
+                                "out of --output_dir first, or choose another --output_dir")
 
 
 def clear(out, names):
@@ -181,7 +205,10 @@ def save_checkpoint(out, step, model, state, config, keep=0):
                         "with --resume") from e
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in list_checkpoints(out)[:-keep] if keep > 0 else ():
+    # the newest `keep` up to this step: a later one is a torn leftover a resume skipped, and
+    # counting it would delete the checkpoint just written
+    done = [c for c in list_checkpoints(out) if int(c.name.split("-")[1]) <= step]
+    for old in done[:-keep] if keep > 0 else ():
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -351,7 +378,10 @@ def find_checkpoint(out, resume):
             raise
         except ValueError as e:
             tqdm.write(f"warning: skipping {path}: {e}")
-    raise UserError(f"--resume: no complete checkpoint in {out}; start without --resume")
+    logged = (Path(out) / "metrics.jsonl").is_file()  # killed before its first checkpoint
+    raise UserError(f"--resume: no complete checkpoint in {out}; start afresh without --resume"
+                    + (" and with --overwrite (no checkpoint kept its logged steps)" if logged
+                       else ""))
 
 
 def to_resume(out, resume, current, resumable, max_steps, inputs):
@@ -382,7 +412,9 @@ def to_resume(out, resume, current, resumable, max_steps, inputs):
                    "to go on")
         return None
     later = [c for c in list_checkpoints(out) if int(c.name.split("-")[1]) > state["step"]]
-    if later and resume != "latest":  # else the later ones are unreadable, and warned of
+    # "latest": the later ones are unreadable, and warned of; another folder's: --overwrite
+    # clears this folder's run (runs.held_run)
+    if later and resume != "latest" and os.path.samefile(path.parent, out):
         raise UserError(f"--resume {path}: the run went on to {later[-1].name}; to go back to "
                         f"step {state['step']}, move {', '.join(c.name for c in later)} out of "
                         f"{out} first (the log past it is cut); to go on, --resume alone")

@@ -133,6 +133,18 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     assert {p: p.read_bytes() for p in before} == before  # the kept checkpoints as they were
 
 
+def test_save_total_limit_never_deletes_the_checkpoint_just_written(tmp_path, tiny_model_dir):
+    """A resume skipped a later, torn checkpoint-9 (power lost after its rename): the rotation
+    keeps the newest up to this step, not the torn one in place of the new."""
+    cfg = train.parse_config(["--model", tiny_model_dir, "--lora_r", "2", "--lora_alpha", "4"])
+    model = train.load_model(cfg, torch.device("cpu"))
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "checkpoint-9" / "trainer_state.pt").write_bytes(b"")  # torn
+    for step in (3, 4):
+        runs.save_checkpoint(tmp_path, step, model, {}, {}, keep=1)
+    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-9"]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     cfg = train.parse_config(
         [
@@ -142,10 +154,15 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
     )
     with pytest.raises(UserError, match="no complete checkpoint"):
         train.train(cfg)
+    # killed before its first checkpoint: without --resume alone, it "already holds a run"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="start afresh without --resume and with --overwrite"):
+        train.train(cfg)
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_file):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # SIGTERM: a preemption
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_file, signum):
     out = tmp_path / "run"
     args = run_args(tiny_model_dir, out, reward_file, max_steps=50, save_steps=0)
     p = start(args)
@@ -154,8 +171,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_fi
         and (out / "metrics.jsonl").read_text().count("\n") >= 1,
         p,
     )
-    p.send_signal(signal.SIGINT)
-    assert p.wait(300) == 130  # scripts can tell an interrupted run from a finished one
+    p.send_signal(signum)
+    # scripts can tell an interrupted run from a finished one, and by which signal
+    assert p.wait(300) == 128 + signum
     out_text = "".join(p.communicate())
     assert "stopping after this step" in out_text and "interrupted at step" in out_text
     (checkpoint,) = runs.list_checkpoints(out)

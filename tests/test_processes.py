@@ -16,6 +16,7 @@ import torch
 
 import train
 from r1v import processes, runs
+from r1v.cli import UserError
 from test_checkpoint import metrics, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,16 @@ def test_share_splits_a_batch_in_order_whatever_the_number_of_processes():
 
 
 @pytest.mark.slow
+def test_sigterm_stops_after_the_step_as_ctrl_c_does():
+    # a cluster's preemption sends SIGTERM: the step's work is saved, as on Ctrl-C
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(signum)
+        with processes.stop_on_signals(main_process=False) as stop:
+            os.kill(os.getpid(), signum)
+            assert stop["requested"] and stop["status"] == 128 + signum
+        assert signal.getsignal(signum) is before
+
+
 def test_two_processes_make_the_one_process_update(tmp_path, tiny_model_dir):
     """The same batch of 8, one process vs two (4 + 4, cut into micro-batches of 3 differently):
     equal gradients and stats, for the GRPO loss, DAPO's through Liger, QLoRA and SFT."""
@@ -210,6 +221,16 @@ def test_tensorboard_logs_the_metrics_and_a_resume_drops_what_came_after_its_che
     assert [s for s, _ in again] == [1, 2, 3]  # step 3 once: the resumed run's
     assert again[:2] == first[:2]
     assert [r["loss"] for r in metrics(out)] == pytest.approx([v for _, v in again], rel=1e-6)
+
+
+def test_a_tracker_not_installed_is_a_one_line_error(tiny_model_dir, tmp_path, monkeypatch):
+    import accelerate.accelerator
+
+    monkeypatch.setattr(accelerate.accelerator, "filter_trackers", lambda *_: [])  # as if absent
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="--report_to tensorboard: tensorboard is not installed"):
+        train.main(tiny_args(tiny_model_dir, out, "--max_steps", 1, "--report_to", "tensorboard"))
+    assert not out.exists()  # no run trained, logged nowhere
 
 
 def test_wandb_offline_logs_the_run(tiny_model_dir, tmp_path, monkeypatch):

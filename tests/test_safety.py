@@ -5,6 +5,7 @@ mid-run is skipped and counted, and eval.py never reports one model's results as
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -297,6 +298,52 @@ def test_a_folder_with_a_config_json_not_a_runs_is_not_written_over(tmp_path, ti
     runs.clear(out, [p.name for p in out.glob("checkpoint-*")])
     train.train(train.parse_config(args(tiny_model_dir, out, "--max_steps", "1")))
     assert steps(out) == [1]
+
+
+def test_resuming_another_folders_checkpoint_into_a_run_is_refused(tmp_path, tiny_model_dir):
+    """Into a folder holding a run of its own, the other run's steps would follow this one's in
+    metrics.jsonl (steps 1, 2, 3, 7, 8), beside its checkpoints; with --overwrite, they go."""
+    out, other = tmp_path / "run", tmp_path / "other" / "checkpoint-6"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    other.mkdir(parents=True)
+    (other / "trainer_state.pt").write_bytes(b"state")
+    before = checksums(out)
+    with pytest.raises(UserError, match=r"already holds a run \(checkpoint-2, metrics.jsonl\); "
+                       r"--resume .*checkpoint-6 is another run's checkpoint"):
+        train.train(train.parse_config(args(tiny_model_dir, out, "--resume", str(other))))
+    assert checksums(out) == before
+    assert runs.held_run(out, str(other), overwrite=True) == ["checkpoint-2", "metrics.jsonl"]
+    assert runs.held_run(out, str(out / "checkpoint-2"), overwrite=False) == []  # its own
+    with pytest.raises(UserError, match="trainer_state.pt is missing"):  # not a checkpoint
+        train.train(train.parse_config(args(tiny_model_dir, out, "--resume", str(out))))
+
+
+def test_overwrite_never_deletes_the_model_the_run_loads(tmp_path, tiny_model_dir):
+    """--model RUN/demo-base --output_dir RUN --overwrite: the old run's demo-base was cleared,
+    then the new run could not load it; the old run and the warmed-up model were both lost."""
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    shutil.copytree(tiny_model_dir, out / "demo-base")
+    before = checksums(out)
+    with pytest.raises(UserError, match=r"--overwrite would delete --model .*demo-base"):
+        train.train(train.parse_config(args(str(out / "demo-base"), out, "--overwrite")))
+    assert checksums(out) == before
+
+
+def test_a_checkpoint_or_a_folder_inside_one_is_no_output_dir(tmp_path, tiny_model_dir):
+    """A run in a checkpoint would write its config.json over the checkpoint's, and go when
+    the checkpoint's run rotates it out (--save_total_limit)."""
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.pt").write_bytes(b"state")
+    (checkpoint / "config.json").write_text('{"objective": "grpo"}')
+    before = checksums(checkpoint)
+    for out, where in ((checkpoint, "is the"), (checkpoint / "eval", "is inside the")):
+        with pytest.raises(UserError, match=f"--output_dir .*{where} checkpoint .*checkpoint-6"):
+            train.train(train.parse_config(args(tiny_model_dir, out, "--overwrite")))
+    assert checksums(checkpoint) == before and not (checkpoint / "eval").exists()
 
 
 @pytest.mark.parametrize("extra,message", [
