@@ -24,11 +24,14 @@ def _norm(text):
 
 def _match(text, choices, lettered):
     """Index of the option `text` names exactly: a letter `A`, `(A)`, `A.` (lettered options
-    only) or the option text."""
-    text = _norm(text)
+    only) or the option text, as written before any case and spacing (of the options `Left`
+    and `left`, `left` names the second, as the training's accuracy reward reads it)."""
+    written, text = text.strip(), _norm(text)
     letter = re.fullmatch(r"\(?([a-h])\)?[.:]?", text)
     if lettered and letter and LETTERS.lower().index(letter.group(1)) < len(choices):
         return LETTERS.lower().index(letter.group(1))
+    if written in (stripped := [c.strip() for c in choices]):
+        return stripped.index(written)
     if lettered:  # "(A) 3" names both
         text = re.sub(r"^\(?[a-h]\)\s*", "", text)
     for i, choice in enumerate(choices):

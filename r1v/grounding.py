@@ -3,7 +3,6 @@ checks, IoU and COCO AP (pycocotools)."""
 
 import contextlib
 import io
-import math
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -32,17 +31,27 @@ def scale_box(box, from_size, to_size):
     return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
 
 
+class OutsideImage(ValueError):
+    """A box that does not lie inside its image."""
+
+
+def _coordinate(v):
+    """An int or float (true is no coordinate: type(), not isinstance), finite and in a float's
+    range (abs() compares a huge int exactly, where math.isfinite() overflows)."""
+    return type(v) in (int, float) and abs(v) < 1e300
+
+
 def check_box(box, size, what="box"):
     """4 finite numbers x1 < x2, y1 < y2, inside an image of `size` (1 pixel of slack)."""
-    if (not isinstance(box, (list, tuple)) or len(box) != 4  # true is no coordinate: type()
-            or not all(type(v) in (int, float) and math.isfinite(v) for v in box)):
+    if (not isinstance(box, (list, tuple)) or len(box) != 4
+            or not all(_coordinate(v) for v in box)):
         raise ValueError(f"{what} must be [x1, y1, x2, y2], 4 numbers, got {box!r}")
     x1, y1, x2, y2 = box
     if not (x1 < x2 and y1 < y2):
         raise ValueError(f"{what} {list(box)} needs x1 < x2 and y1 < y2 (corners, not [x, y, w, "
                          "h])")
     if size and (min(x1, y1) < -1 or x2 > size[0] + 1 or y2 > size[1] + 1):
-        raise ValueError(f"{what} {list(box)} lies outside the {size[0]}x{size[1]} image")
+        raise OutsideImage(f"{what} {list(box)} lies outside the {size[0]}x{size[1]} image")
 
 
 def box_iou(a, b):

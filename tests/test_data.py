@@ -317,3 +317,199 @@ def test_prompt_lengths_are_counted_exactly_in_parts(tiny_model_dir):
     with pytest.raises(ValueError, match=f"task: row 1201's prompt is {longest} tokens, over "
                        f"--max_prompt_length {longest - 1}"):
         stored.check_prompt_lengths(tokenizer, visual, "task", view, longest - 1)
+
+
+def one_row(tmp_path, image, **fields):
+    """A JSONL task of one row whose image is `image` (a file name in tmp_path)."""
+    row = {"image": image, "question": "q", "choices": ["x", "y"], "answer": "x", **fields}
+    return str(write_jsonl(tmp_path / "task.jsonl", [row]))
+
+
+def shown(tmp_path, image, **fields):
+    """What the model is shown of `image` (checked first): an RGB numpy array."""
+    import numpy
+
+    ds = data.load_examples(one_row(tmp_path, image, **fields))
+    stored.check_rows(ds)
+    return numpy.asarray(ds[0]["image"]).astype(int)
+
+
+def test_images_of_every_mode_are_shown_as_a_viewer_shows_them(tmp_path):
+    """16-bit grey is scaled to 8 bits (PIL's own conversion clips it to white), transparent
+    pixels are white (as qwen_vl_utils shows RGBA; not the colour stored under them), CMYK and
+    an animation's first frame are their colours, a 1x1 image is upscaled."""
+    import numpy
+
+    grey = numpy.full((56, 56), 32768, numpy.uint16)  # mid-grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert abs(shown(tmp_path, "grey16.png").mean() - 127) < 1
+    Image.new("LA", (56, 56), (40, 0)).save(tmp_path / "la.png")  # fully transparent dark grey
+    assert shown(tmp_path, "la.png").min() == 255
+    Image.new("RGBA", (56, 56), (255, 0, 0, 0)).save(tmp_path / "rgba.png")
+    assert shown(tmp_path, "rgba.png").min() == 255
+    palette = Image.new("P", (56, 56), 0)
+    palette.putpalette([0, 0, 255] * 256)
+    palette.save(tmp_path / "p.png", transparency=0)
+    assert shown(tmp_path, "p.png").min() == 255
+    Image.new("RGB", (56, 56), "red").convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert (shown(tmp_path, "cmyk.jpg").mean(axis=(0, 1)) > [240, -1, -1]).all()
+    assert (shown(tmp_path, "cmyk.jpg").mean(axis=(0, 1)) < [256, 16, 16]).all()
+    frames = [Image.new("RGB", (56, 56), c).convert("P") for c in ("green", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    red, green, blue = shown(tmp_path, "anim.gif")[0, 0]  # the first frame's (web palette)
+    assert green > 100 and red < 50 and blue < 50
+    Image.new("RGB", (1, 1), "blue").save(tmp_path / "dot.png")
+    assert shown(tmp_path, "dot.png").shape == (56, 56, 3)
+
+
+def test_a_photo_is_shown_upright_as_its_exif_orientation_says_and_boxes_are_in_that_frame(
+        tmp_path):
+    """A phone's portrait photo: landscape pixels and EXIF orientation 6 (turn a quarter
+    clockwise), upright in every viewer and in datasets' and transformers' loaders. The model is
+    shown it upright, its box is checked and scaled in the upright frame, and a box that fits
+    the stored pixels only says so."""
+    import numpy
+
+    pixels = numpy.zeros((56, 112, 3), numpy.uint8)  # stored: 112 wide, 56 high
+    pixels[:, :56] = (255, 0, 0)  # the stored left half red: upright, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    image = shown(tmp_path, "photo.jpg")
+    assert image.shape == (112, 56, 3)
+    assert image[:50, :, 0].mean() > 200 and image[62:, :, 0].mean() < 50  # red on top
+    rec = {"image": "photo.jpg", "phrase": "the red half", "box": [0, 0, 56, 56]}
+    ds = data.load_examples(str(write_jsonl(tmp_path / "rec.jsonl", [rec])))
+    assert stored.check_rows(ds)[0][1] == 8  # 56x112 upright: 2x4 visual tokens
+    assert ds[0]["original_size"] == (56, 112) and ds[0]["gold_box"] == [0, 0, 56, 56]
+    stored_frame = {**rec, "box": [0, 0, 112, 56]}  # the whole stored image: too wide upright
+    ds = data.load_examples(str(write_jsonl(tmp_path / "rec.jsonl", [stored_frame])))
+    with pytest.raises(ValueError, match=r"rec.jsonl:1: box \[0, 0, 112, 56\] lies outside the "
+                       r"56x112 image as shown, upright: its EXIF orientation 6 turns the "
+                       r"112x56 pixels stored"):
+        stored.check_rows(ds)
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("jpeg cut short", r"the image cannot be read \(image file is truncated"),
+    ("gif cut short", r"the image cannot be read \(image file is truncated"),
+    ("empty file", r"the image cannot be read \(an empty file\)"),
+    ("not an image", r"the image cannot be read \(not an image file Pillow knows\)"),
+    ("32-bit floats", r"the image holds 32-bit floating-point numbers \(mode F\)"),
+    ("too many pixels", r"the image cannot be read \(Image size .* Pillow opens no larger "
+                        r"image: downscale it"),
+    ("a dangling link", r"image '.*gone.png' is a link to 'nowhere.png', which does not exist"),
+])
+def test_an_image_that_cannot_be_shown_is_named_before_training(tmp_path, monkeypatch, fault,
+                                                                 message):
+    """Before any model loads: PIL's verify() reads only a PNG through, so a JPEG cut short (an
+    interrupted copy) passed the check and failed mid-run."""
+    import io
+
+    def cut(image, fmt):
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        return buf.getvalue()[:len(buf.getvalue()) * 2 // 3]
+    noise = Image.effect_noise((64, 48), 60).convert("RGB")
+    files = {"jpeg cut short": ("a.jpg", cut(noise, "JPEG")),
+             "gif cut short": ("a.gif", cut(noise, "GIF")),
+             "empty file": ("a.png", b""), "not an image": ("a.png", b"hello")}
+    if fault in files:
+        name, content = files[fault]
+        (tmp_path / name).write_bytes(content)
+    elif fault == "32-bit floats":
+        name = "a.tiff"
+        Image.new("F", (56, 56), 0.5).save(tmp_path / name)
+    elif fault == "too many pixels":
+        name = "a.png"
+        Image.new("1", (300, 300)).save(tmp_path / name)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 3)  # 2x it is an error
+    else:
+        name = "gone.png"
+        (tmp_path / name).symlink_to("nowhere.png")
+    with pytest.raises(ValueError, match="task.jsonl:1: " + message):
+        stored.check_rows(data.load_examples(one_row(tmp_path, name)))
+
+
+def test_a_whole_jpeg_passes_with_bytes_after_its_end_and_a_large_one_without_a_warning(
+        tmp_path, monkeypatch, recwarn):
+    """A motion photo is a JPEG with its video after the JPEG's end: the JPEG is whole. An image
+    over PIL's decompression-bomb warning threshold (but under its error) is downscaled like any
+    other, no warning printed."""
+    import io
+
+    buf = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(buf, "JPEG")
+    (tmp_path / "motion.jpg").write_bytes(buf.getvalue() + b"\x00\x00\x00\x18ftypmp42" * 50)
+    assert shown(tmp_path, "motion.jpg").shape == (56, 56, 3)
+    Image.new("1", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 - 1)
+    assert shown(tmp_path, "big.png").shape == (308, 308, 3)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_jsonl_written_by_hand_or_by_other_tools(tmp_path):
+    """Numbers as options are their JSON text; a byte order mark at the start of any line (files
+    put together) is skipped."""
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    counting = {"image": "a.png", "question": "How many?", "choices": [1, 2, 3.5], "answer": 2}
+    bom = b"\xef\xbb\xbf"
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(bom + json.dumps(counting).encode() + b"\n" + bom
+                     + json.dumps({**counting, "answer": "3.5"}).encode() + b"\r\n")
+    ds = data.load_examples(str(path))
+    stored.check_rows(ds)
+    assert ds[0]["answer"] == "2" and sorted(ds[0]["choices"]) == ["1", "2", "3.5"]
+    assert ds[0]["question"].endswith("options: " + ", ".join(ds[0]["choices"][:2]) + " or "
+                                      + ds[0]["choices"][2])
+    assert ds[1]["answer"] == "3.5"
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'[{"image": "a.png"}]', "not a JSON object but a list"),
+    (b"null", "not a JSON object but null"),
+    (b'"a.png"', "not a JSON object but a string"),
+    (b'{"image": "a.png", "question": "\\ud83c?", "choices": ["x", "y"], "answer": "x"}',
+     r"the field 'question' holds '\\ud83c', half of a UTF-16 surrogate pair"),
+    (b'{"image": "a.png", "phrase": "p", "box": [1, 2, ' + b"9" * 400 + b', 4]}',
+     r"a number of 400 digits \(999999999999...\)"),
+    (b'{"image": "a.png", "phrase": "p", "box": [1, 2, ' + b"9" * 5000 + b', 4]}',
+     r"a number of 5000 digits"),
+    (b'{"image": "a.png", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+     r"not valid JSON \(nested too deeply\)"),
+    (b'{"image": "", "question": "q", "choices": ["x", "y"], "answer": "x"}',
+     "image must be the path of a file, got ''"),
+    (b'{"image": "https://example.com/a.png", "question": "q", "choices": ["x", "y"], '
+     b'"answer": "x"}', r"image must be the path of a file on this machine"),
+    (b'{"image": "sub\\\\a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}',
+     r"image '.*sub\\\\a.png' does not exist \(a Windows path\? write it with / between "
+     r"folders\)"),
+])
+def test_jsonl_lines_that_are_no_row_are_named(tmp_path, line, message):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (56, 56)).save(tmp_path / "a.png")
+    Image.new("RGB", (56, 56)).save(tmp_path / "sub" / "a.png")
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(line + b"\n")
+    with pytest.raises(ValueError, match="task.jsonl:1: " + message):
+        stored.check_rows(data.load_examples(str(path)))
+
+
+def test_a_utf16_file_and_paths_relative_to_the_current_folder_are_explained(tmp_path,
+                                                                             monkeypatch):
+    row = {"image": "images/a.png", "question": "q", "choices": ["x", "y"], "answer": "x"}
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "task.jsonl"
+    path.write_bytes((json.dumps(row) + "\n").encode("utf-16"))
+    with pytest.raises(ValueError, match=r"task.jsonl:1: not UTF-8 text .*; it is UTF-16 \(its "
+                       r"byte order mark says\): save it as UTF-8"):
+        data.load_examples(str(path))
+    write_jsonl(path, [row])
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (56, 56)).save(tmp_path / "images" / "a.png")
+    monkeypatch.chdir(tmp_path)  # images/a.png is there from here, not from data/
+    with pytest.raises(ValueError, match=r"data/task.jsonl:1: image 'data/images/a.png' does not "
+                       r"exist: image paths are relative to the JSONL file's folder, and "
+                       r"'images/a.png' is relative to the current one"):
+        stored.check_rows(data.load_examples("data/task.jsonl"))

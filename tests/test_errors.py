@@ -108,6 +108,13 @@ ROWS = {
     "image missing": ({1: {"image": "gone.png"}}, "task.jsonl:1: image"),
     "not JSON": ({3: None}, "task.jsonl:3: not valid JSON"),
     "missing field": ({2: {"question": None}}, "task.jsonl:2: missing field(s) ['question']"),
+    "a JPEG cut short": ({4: {"image": "cut.jpg"}},
+                         "task.jsonl:4: the image cannot be read (image file is truncated"),
+    "half a surrogate pair": ({3: {"question": "\ud83c?"}},
+                              "task.jsonl:3: the field 'question' holds '\\ud83c', half of a"),
+    "a 401-digit number": ({2: {"answer": 10**400}}, "task.jsonl:2: a number of 401 digits"),
+    "an empty object": ({5: {"image": None, "question": None, "choices": None,
+                             "answer": None}}, "task.jsonl:5: the row has none of the"),
 }
 
 
@@ -117,6 +124,9 @@ def test_every_row_is_checked_before_the_model_loads(case, tmp_path, capsys, mon
     task = write_task(tmp_path / "task", changes=changes)
     (tmp_path / "task" / "broken.png").write_bytes(b"\x89PNG not really")
     (tmp_path / "task" / "sub").mkdir()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(tmp_path / "task" / "cut.jpg")
+    whole = (tmp_path / "task" / "cut.jpg").read_bytes()  # an interrupted copy:
+    (tmp_path / "task" / "cut.jpg").write_bytes(whole[:len(whole) // 2])  # a header, half the data
     status, err = run_train(
         capsys, monkeypatch, "--model", NO_MODEL, "--dataset", task, "--prompts_per_step", "2",
         "--output_dir", str(tmp_path / "out"),

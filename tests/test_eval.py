@@ -86,6 +86,15 @@ def test_text_options_without_letters():
     assert answers.parse_choice("<answer>A</answer>", ["left", "right"], lettered=False) is None
 
 
+def test_options_that_differ_in_case_or_spacing_are_told_apart_as_written():
+    """The training's accuracy reward compares the answer as written: so does eval, before it
+    reads any case and spacing (it took `left` for the option `Left` when that came first)."""
+    assert answers.parse_choice("<answer> left </answer>", ["Left", "left"], lettered=False) == 1
+    assert answers.parse_choice("<answer>LEFT</answer>", ["Left", "left"], lettered=False) == 0
+    assert answers.parse_choice("<answer>yes</answer>", ["yes.", "yes"], lettered=False) == 1
+    assert answers.parse_choice("<answer>B</answer>", ["A", "B"]) == 1  # a letter still first
+
+
 def cvbench_rows(n=6):
     tasks = [
         ("2D", "Count", "ADE20K"), ("2D", "Relation", "COCO"), ("3D", "Depth", "Omni3D"),

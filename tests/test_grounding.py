@@ -85,6 +85,7 @@ def test_jsonl_rows_of_each_task(tmp_path, row, task):
     ({**REC, "box": [10, 20, 500, 60]}, "outside the 112x84 image"),
     ({**REC, "box": [1, 2, 3]}, "4 numbers"),
     ({**REC, "box": [True, 20, 50, 60]}, "4 numbers"),                # true is no coordinate
+    ({**REC, "box": [10, 20, float("inf"), 60]}, "4 numbers"),       # JSON's Infinity
     ({"phrase": "the dog"}, "missing field(s) ['box']"),
     ({**OVD, "boxes": [{"bbox_2d": [1, 2, 3, 4], "label": "dog"}]}, "a label from"),
     ({**OVD, "labels": []}, "non-empty list"),
@@ -94,6 +95,12 @@ def test_bad_grounding_rows_are_named_by_line(tmp_path, row, message):
     path = write_rows(tmp_path, [REC if "phrase" in row else OVD, row])
     with pytest.raises(ValueError, match=r"rows.jsonl:2: .*" + __import__("re").escape(message)):
         stored.check_rows(data.load_examples(path))
+
+
+def test_a_coordinate_past_a_floats_range_is_no_number():
+    """math.isfinite() raised OverflowError on it: a traceback, not the row's error."""
+    with pytest.raises(ValueError, match="4 numbers"):
+        grounding.check_box([1, 2, 10**400, 4], (100, 100))
 
 
 def test_a_file_mixing_tasks_is_refused(tmp_path):
