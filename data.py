@@ -7,7 +7,7 @@ Every dataset is a lazy sequence of example dicts. All have `image` (PIL, resize
   ovd     `labels` (categories asked for), `boxes` ([{"bbox_2d": [...], "label": ...}], same frame)
 Grounding rows also keep `gold_box` / `gold_boxes` in original-image pixels, `original_size` and
 `frame_size`, to map answers back. An image is decoded when its row is used; every row is
-checked once before training, without decoding pixels (r1v/rows.py).
+checked once before training, without decoding pixels (r1v/rows.py, images.py, jsonl.py).
 
 Sources: SAT (`array/SAT`) and RefCOCO (`lmms-lab/RefCOCO`, `RefCOCOplus`, `RefCOCOg`) from the
 hub or a local folder of their schema (r1v/hub.py), JSONL files of a user's own task, and the
@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from r1v import grounding, hub, model, rows, synthetic
+from r1v import grounding, hub, images, jsonl, model, rows, synthetic
 from r1v.cli import UserError
 
 VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -53,11 +53,11 @@ class View:
     """How the model sees a row: the image's pixel budget, the prompt (a template holding
     `{question}`), the frame its boxes are written in (r1v/grounding.py) and the pixels per side
     of one of its visual tokens (model.patch_factor)."""
-    min_pixels: int = rows.MIN_PIXELS
-    max_pixels: int = rows.MAX_PIXELS
+    min_pixels: int = images.MIN_PIXELS
+    max_pixels: int = images.MAX_PIXELS
     template: str = PROMPT_TEMPLATE
     frame: str = "pixels"
-    patch_factor: int = rows.PATCH_FACTOR
+    patch_factor: int = images.PATCH_FACTOR
 
     def prompt(self, question):
         return self.template.replace("{question}", question)  # a chat template has braces too
@@ -77,7 +77,7 @@ def make_example(image, fields, rng, view=View()):
     """Validate one row and build its example dict as `view` says. `rng` shuffles the options
     (None: keep them in order)."""
     task = rows.check_fields(fields, image.size)
-    fitted = rows.fit_image(image, view.min_pixels, view.max_pixels, view.patch_factor)
+    fitted = images.fit_image(image, view.min_pixels, view.max_pixels, view.patch_factor)
     example = {"image": fitted, "task_type": task}
     if task == "choice":
         choices = list(fields["choices"])
@@ -133,7 +133,7 @@ def load_examples(dataset, split="train", limit=15000, seed=0, view=View(), flag
         view = dataclasses.replace(view, min_pixels=0, max_pixels=image_size * image_size)
         source, shuffle = synthetic.source(limit, seed, tuple(tasks), image_size), False
     else:
-        source, shuffle = (rows.load_jsonl(dataset, limit, flag) if dataset.endswith(".jsonl")
+        source, shuffle = (jsonl.load_jsonl(dataset, limit, flag) if dataset.endswith(".jsonl")
                            else hub.load_source(dataset, split, limit, flag)), True
     return rows.Examples(source, seed, view, make_example, question_of, shuffle)
 

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from r1v import answers, cli, decode, flags, grounding, hub, metrics, model, policy, rows, runs
+from r1v import (answers, cli, decode, flags, grounding, hub, images, metrics, model, policy,
+                 rows, runs)
 from r1v.cli import UserError
 
 # What produced a predictions.jsonl: a resume must match all of them.
@@ -117,7 +118,7 @@ def load_items(cfg):
                   (",".join(cfg.synthetic_tasks), examples.name) if synthetic else
                   (cfg.split, cfg.benchmark))
     return ((lambda view: eval_items(examples.shown_as(view), task, name)), examples.fingerprint,
-            lambda view: prompt_rows if view.patch_factor == rows.PATCH_FACTOR  # else Qwen3-VL's
+            lambda view: prompt_rows if view.patch_factor == images.PATCH_FACTOR  # else Qwen3-VL's
             else rows.check_rows(examples.shown_as(view)))
 
 

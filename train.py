@@ -28,7 +28,8 @@ import demo
 import eval as evaluation
 import grpo
 import rewards
-from r1v import cli, decode, memory, metrics, policy, preview, processes, rows, runs, schedule
+from r1v import (cli, decode, images, memory, metrics, policy, preview, processes, rows, runs,
+                 schedule)
 from r1v import model as models
 from r1v.cli import UserError, flag
 from r1v.flags import RunFlags
@@ -326,7 +327,7 @@ def see_as(name, run, cfg, prompt_rows, held_rows):
     run.processor = models.load_processor(name)
     run.view = data.model_view(config, run.processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
-    if run.view.patch_factor != rows.PATCH_FACTOR:  # Qwen3-VL: its images' tokens counted again
+    if run.view.patch_factor != images.PATCH_FACTOR:  # Qwen3-VL: its images' tokens counted again
         prompt_rows = rows.check_rows(run.dataset.shown_as(run.view))
         held_rows = held_rows and rows.check_rows(run.held_out.shown_as(run.view),
                                                   "checking held-out rows")

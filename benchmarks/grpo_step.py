@@ -41,7 +41,7 @@ import demo  # noqa: E402
 import grpo  # noqa: E402
 import train  # noqa: E402
 from r1v import model as models  # noqa: E402
-from r1v import decode, policy, processes, rows, synthetic, tiny  # noqa: E402
+from r1v import decode, images, policy, processes, synthetic, tiny  # noqa: E402
 
 # Config overrides per variant; trl-lora uses the plain LoRA settings for what it shares with
 # ours (LoRA shape, learning rate) and is driven by run_trl.
@@ -69,7 +69,7 @@ def build_random_qwen2vl_2b(folder):
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(folder)
-    tiny.save_processor(folder, tok, max_pixels=rows.MAX_PIXELS)
+    tiny.save_processor(folder, tok, max_pixels=images.MAX_PIXELS)
     return folder
 
 

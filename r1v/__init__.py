@@ -5,7 +5,9 @@
     model      loading: config, processor, base weights, QLoRA, LoRA; Liger's kernels and loss
     policy     prompts encoded, one batched generate (or a few calls), log-probs
     rollout    the Rollout: a generation batch's tensors, micro-batches, the forward's inputs
-    rows       a dataset's stored rows and images, read lazily and checked; JSONL tasks
+    rows       a dataset's stored rows, read lazily and checked
+    images     images opened and verified, decoded upright in RGB, sized in visual tokens
+    jsonl      a user's task as a JSONL file, rows kept in the file by byte offset
     hub        hub datasets: SAT, RefCOCO/+/g, CV-Bench
     grounding  boxes: VLM-R1's questions, frames, checks, IoU, COCO AP
     answers    what a completion answers: an option, a box, detections

@@ -9,7 +9,7 @@ from pathlib import Path
 from r1v import cli, hub, synthetic
 from r1v.cli import UserError, flag
 from r1v.model import PROMPT_FORMATS
-from r1v.rows import MAX_PIXELS, MIN_PIXELS
+from r1v.images import MAX_PIXELS, MIN_PIXELS
 
 
 @dataclass

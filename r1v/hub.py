@@ -5,6 +5,7 @@ import socket
 import urllib.parse
 from pathlib import Path
 
+from r1v import images
 from r1v import rows as stored
 from r1v.cli import UserError
 
@@ -141,7 +142,7 @@ def cvbench_items(ds, source, view):
         if letter not in LETTERS[:len(row["choices"])]:
             raise ValueError(f"the answer {row['answer']!r} names none of the "
                              f"{len(row['choices'])} choices")
-        image = stored.fit_image(stored.decode_image(row["image"]), view.min_pixels,
+        image = images.fit_image(images.decode_image(row["image"]), view.min_pixels,
                                  view.max_pixels, view.patch_factor)
         return {"id": f"{row.get('type', '')}-{row['idx']}", "task": row["task"],
                 "source": row["source"], "image": image, "task_type": "choice",

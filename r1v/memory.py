@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from r1v import fakes, policy, rows
+from r1v import fakes, images, policy
 from r1v import model as models
 
 GiB = 2**30
@@ -36,7 +36,7 @@ def worst_case_rollout(config, prompts, group_size, completion_tokens, min_pixel
     image at --max_pixels and `text_tokens` of text, each completion its full length."""
     side = math.isqrt(max_pixels)
     patch = config.vision_config.patch_size  # 14 pixels; Qwen3-VL's 16
-    width, height = rows.fitted_size(side, side, min_pixels, max_pixels, 2 * patch)
+    width, height = images.fitted_size(side, side, min_pixels, max_pixels, 2 * patch)
     grid = [1, height // patch, width // patch]  # patches, merged 2x2 into visual tokens
     visual = grid[1] * grid[2] // 4
     ids = ([config.vision_start_token_id] + [config.image_token_id] * visual
@@ -44,10 +44,10 @@ def worst_case_rollout(config, prompts, group_size, completion_tokens, min_pixel
     N = prompts * group_size
     prompt_ids = torch.tensor([ids] * N)                                       # (N, P)
     patches = torch.zeros(grid[1] * grid[2], 3 * 2 * patch * patch)  # fp32, as the processor's
-    images = [torch.zeros_like(patches) for _ in range(prompts)]
+    pictures = [torch.zeros_like(patches) for _ in range(prompts)]
     return policy.Rollout(
         prompt_ids, torch.ones_like(prompt_ids), (prompt_ids == config.image_token_id).long(),
-        [images[i // group_size] for i in range(N)], torch.tensor([grid] * N), torch.ones(N),
+        [pictures[i // group_size] for i in range(N)], torch.tensor([grid] * N), torch.ones(N),
         torch.full((N, completion_tokens), 1000), torch.ones(N, completion_tokens, dtype=int))
 
 

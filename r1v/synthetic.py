@@ -5,7 +5,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from r1v import rows
+from r1v import images, rows
 from r1v.cli import UserError
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220),
@@ -46,7 +46,7 @@ def _spots(rng, cells, n, distinct_axis=None):
 def synthetic_row(rng, task, image_size):
     """One synthetic (image, fields), fields as data.py's rows. Shapes sit in distinct cells of a
     grid whose cells are 28 pixels (one visual token) wide, so each is whole inside one token."""
-    cells = max(2, image_size // rows.PATCH_FACTOR)
+    cells = max(2, image_size // images.PATCH_FACTOR)
     cell = image_size / cells
     n_shapes = {"count": rng.randint(1, min(4, cells * cells)), "color": 1,
                 "background": 1}.get(task, 2)

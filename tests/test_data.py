@@ -1,5 +1,5 @@
-"""data.py and r1v/rows.py, r1v/hub.py: prompts, images, SAT and JSONL rows, every row checked,
-the prompt order."""
+"""data.py and r1v/rows.py, images.py, jsonl.py, hub.py: prompts, images, SAT and JSONL rows,
+every row checked, the prompt order."""
 
 import json
 import random
@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import data
+from r1v import images
 from r1v import rows as stored
 
 
@@ -29,9 +30,9 @@ def test_question_text_and_prompt_are_the_papers():
 
 
 def test_fit_image_respects_the_pixel_budget_and_the_28_pixel_grid():
-    image = stored.fit_image(Image.new("RGB", (1000, 700)), 3136, 401408)
+    image = images.fit_image(Image.new("RGB", (1000, 700)), 3136, 401408)
     assert image.width % 28 == 0 and image.height % 28 == 0 and image.width * image.height <= 401408
-    small = stored.fit_image(Image.new("L", (20, 20)), 3136, 401408)
+    small = images.fit_image(Image.new("L", (20, 20)), 3136, 401408)
     assert small.mode == "RGB" and small.width * small.height >= 3136
 
 

@@ -16,7 +16,7 @@ import eval as evaluation
 import grpo
 import train
 from r1v import model as models
-from r1v import policy, rows, tiny
+from r1v import images, policy, tiny
 from tests.conftest import ROOT
 from tests.vlm import chat_examples, randomise_lora
 
@@ -58,10 +58,11 @@ def test_visual_tokens_are_counted_with_the_familys_patch(qwen3_dir):
         enc = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"],
                         images=[Image.new("RGB", (width, height))], return_tensors="pt")
         seen = int((enc["input_ids"] == processor.image_token_id).sum())
-        assert rows.image_tokens(width, height, 32 * 32, 32 * 32 * 64, 32) == seen
-    assert rows.image_tokens(64, 96, 0, 10**6) == 6 and rows.image_tokens(64, 96, 0, 10**6, 32) == 6
-    assert rows.image_tokens(112, 112, 0, 10**6) == 16
-    assert rows.image_tokens(112, 112, 0, 10**6, 32) == 16  # 128 x 128 pixels
+        assert images.image_tokens(width, height, 32 * 32, 32 * 32 * 64, 32) == seen
+    assert images.image_tokens(64, 96, 0, 10**6) == 6
+    assert images.image_tokens(64, 96, 0, 10**6, 32) == 6
+    assert images.image_tokens(112, 112, 0, 10**6) == 16
+    assert images.image_tokens(112, 112, 0, 10**6, 32) == 16  # 128 x 128 pixels
 
 
 def test_lora_is_on_the_language_model_only(qwen3_dir):

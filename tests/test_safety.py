@@ -12,6 +12,7 @@ import pytest
 
 import eval as evaluation
 import train
+from r1v import images
 from r1v import rows as stored
 from r1v import runs
 from r1v.cli import UserError
@@ -77,7 +78,7 @@ def test_a_row_that_breaks_mid_run_is_skipped_and_counted(
     tmp_path, tiny_model_dir, capsys, monkeypatch
 ):
     task = write_task(tmp_path / "task", rows=4)
-    real = stored.verified_size
+    real = images.verified_size
     # the check passed; the file went bad afterwards (as if deleted or rewritten mid-run)
     monkeypatch.setattr(
         stored, "verified_size",
@@ -241,7 +242,7 @@ def test_config_json_records_the_rewards_the_run_used(tmp_path, tiny_model_dir):
 def test_a_bug_while_reading_a_row_is_not_taken_for_a_bad_row(tmp_path, tiny_model_dir,
                                                                monkeypatch):
     task = write_task(tmp_path / "task", rows=4)
-    real = stored.decode_image
+    real = images.decode_image
 
     def buggy(value):
         if str(value).endswith("3.png"):
