@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from r1v import (answers, cli, decode, flags, grounding, hub, images, metrics, model, policy,
-                 rows, runs)
+from r1v import (adapters, answers, cli, decode, flags, grounding, hub, images, metrics, model,
+                 policy, rows, runs)
 from r1v.cli import UserError
 
 # What produced a predictions.jsonl: a resume must match all of them.
@@ -173,7 +173,7 @@ def check_fit(cfg, config):
     modules, sizes and rank, from the safetensors header): one line each, before it loads."""
     model.check_positions(config, cfg.max_new_tokens, "--max_new_tokens")
     try:
-        cfg.adapter and runs.check_adapter(cfg.adapter, model.parameter_shapes(config),
+        cfg.adapter and adapters.check_adapter(cfg.adapter, model.parameter_shapes(config),
                                            f"--model {cfg.model}", model.model_class(config))
     except ValueError as e:
         raise UserError(f"--adapter {cfg.adapter}: {e}") from e
@@ -185,7 +185,7 @@ def evaluate(cfg):
         cfg.compile_decode = device.type == "cuda"
     decode.check_backend(cfg.compile_decode, cfg.compile_backend, device)
     try:
-        cfg.adapter and runs.check_adapter(cfg.adapter)
+        cfg.adapter and adapters.check_adapter(cfg.adapter)
     except ValueError as e:  # before any model loads
         raise UserError(f"--adapter {cfg.adapter}: {e}") from e
     with runs.locked(cfg.output_dir, "--output_dir") as out:

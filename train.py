@@ -28,8 +28,8 @@ import demo
 import eval as evaluation
 import grpo
 import rewards
-from r1v import (cli, decode, images, memory, metrics, policy, preview, processes, rows, runs,
-                 schedule)
+from r1v import (checkpoints, cli, decode, images, memory, metrics, policy, preview, processes,
+                 rows, runs, schedule)
 from r1v import model as models
 from r1v.cli import UserError, flag
 from r1v.flags import RunFlags
@@ -306,7 +306,7 @@ def check_inputs(cfg, procs):
     run.steps_per_epoch = len(run.dataset) // cfg.prompts_per_step
     run.max_steps = cfg.max_steps or max(1, int(cfg.num_train_epochs * run.steps_per_epoch))
     run.inputs = runs.input_hashes(cfg.dataset, cfg.eval_dataset, specs)
-    checkpoint = cfg.resume and runs.to_resume(out, cfg.resume, dataclasses.asdict(cfg),
+    checkpoint = cfg.resume and checkpoints.to_resume(out, cfg.resume, dataclasses.asdict(cfg),
                                                RESUMABLE, run.max_steps, run.inputs)
     if cfg.resume and not checkpoint:  # the run's last step: nothing left to train
         return None
@@ -412,7 +412,7 @@ def setup(cfg, procs):
     if procs.world > 1:  # each process samples its own completions
         torch.manual_seed(cfg.seed + 1_000 * procs.rank)
     if checkpoint:
-        run.start_step = runs.restore(*checkpoint[:2], run.model, run.optimizer, run.scheduler,
+        run.start_step = checkpoints.restore(*checkpoint[:2], run.model, run.optimizer, run.scheduler,
                                       run.sampler, procs.rank, procs.world, cfg.seed)
         run.counters.update(checkpoint[1]["counters"])
     for log in ("metrics.jsonl", "samples.jsonl") if procs.main else ():
@@ -446,11 +446,11 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
                         "--learning_rate.")
     if not ((cfg.save_steps and step % cfg.save_steps == 0) or step == run.max_steps or stopping):
         return None
-    rng = procs.gather(runs.rng_state())  # every process's, to resume exactly
+    rng = procs.gather(checkpoints.rng_state())  # every process's, to resume exactly
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "schedule": run.schedule, "rng": rng, "sampler": run.sampler.state_dict(),
              "counters": run.counters}
-    return procs.main and runs.save_checkpoint(run.out, step, run.model, state, run.record(cfg),
+    return procs.main and checkpoints.save_checkpoint(run.out, step, run.model, state, run.record(cfg),
                                                cfg.save_total_limit)
 
 

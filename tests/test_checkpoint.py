@@ -15,7 +15,7 @@ import torch
 import data
 import grpo
 import train
-from r1v import runs
+from r1v import checkpoints, runs
 from r1v.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_interrupted_checkpoint_writes_are_ignored(tmp_path):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.pt").write_bytes(b"x")
-    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
 
 
 def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
@@ -113,8 +113,8 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     sampler = data.PromptSampler(10, 2, 0)
     state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()}
     for step in (1, 2, 3):
-        runs.save_checkpoint(tmp_path, step, model, state, {}, cfg.save_total_limit)
-    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+        checkpoints.save_checkpoint(tmp_path, step, model, state, {}, cfg.save_total_limit)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert not list(tmp_path.glob(".tmp-*"))
     assert (tmp_path / "checkpoint-3" / "adapter_model.safetensors").is_file()
     # killed once trainer_state.pt is written, before config.json: nothing complete-looking
@@ -127,8 +127,8 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(torch, "save", killed_after)
-        runs.save_checkpoint(tmp_path, 4, model, state, {}, cfg.save_total_limit)
-    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+        checkpoints.save_checkpoint(tmp_path, 4, model, state, {}, cfg.save_total_limit)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert not (tmp_path / "checkpoint-4").exists()
     assert {p: p.read_bytes() for p in before} == before  # the kept checkpoints as they were
 
@@ -141,8 +141,8 @@ def test_save_total_limit_never_deletes_the_checkpoint_just_written(tmp_path, ti
     (tmp_path / "checkpoint-9").mkdir()
     (tmp_path / "checkpoint-9" / "trainer_state.pt").write_bytes(b"")  # torn
     for step in (3, 4):
-        runs.save_checkpoint(tmp_path, step, model, {}, {}, keep=1)
-    assert [p.name for p in runs.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-9"]
+        checkpoints.save_checkpoint(tmp_path, step, model, {}, {}, keep=1)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-9"]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -176,7 +176,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_model_dir, reward_fi
     assert p.wait(300) == 128 + signum
     out_text = "".join(p.communicate())
     assert "stopping after this step" in out_text and "interrupted at step" in out_text
-    (checkpoint,) = runs.list_checkpoints(out)
+    (checkpoint,) = checkpoints.list_checkpoints(out)
     stopped_at = int(checkpoint.name.split("-")[1])
     assert stopped_at < 50 and [m["step"] for m in metrics(out)] == list(range(1, stopped_at + 1))
     p = start(
@@ -238,7 +238,7 @@ def test_a_run_that_keeps_diverging_stops_with_its_last_checkpoint_intact(
     )
     with pytest.raises(UserError, match="consecutive steps had a non-finite loss"):
         train.train(cfg)
-    assert [p.name for p in runs.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     from safetensors.torch import load_file
 
     good, after = load_file(out / "checkpoint-2" / "adapter_model.safetensors"), load_file(
@@ -284,7 +284,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(
         calls.append(path)
         if len(calls) == 2:
             Path(path).write_bytes(b"PK torn")  # the file as far as it got
-            listed.extend(p.name for p in runs.list_checkpoints(out))  # a kill now resumes here
+            listed.extend(p.name for p in checkpoints.list_checkpoints(out))  # a kill now resumes here
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
         return real(obj, path, *args, **kwargs)
 
@@ -295,7 +295,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(
         train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3,
                                        save_steps=1))
     assert listed == ["checkpoint-1"]  # the torn write never looked like a checkpoint
-    assert [p.name for p in runs.list_checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-1"]
     assert not list(out.glob(".tmp-*")) and [m["step"] for m in metrics(out)] == [1, 2]
     monkeypatch.setattr(torch, "save", real)  # space freed
     train.train(_tiny_train_config(tiny_model_dir, out, reward_file, max_steps=3, save_steps=1,
@@ -451,9 +451,9 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 
     import numpy as np
 
-    torch.save(runs.rng_state(), tmp_path / "rng.pt")
+    torch.save(checkpoints.rng_state(), tmp_path / "rng.pt")
     draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
-    runs.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    checkpoints.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == draws
 
 

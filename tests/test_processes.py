@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train
-from r1v import processes, runs
+from r1v import checkpoints, processes
 from r1v.cli import UserError
 from test_checkpoint import metrics, wait_for
 
@@ -183,7 +183,7 @@ def test_ctrl_c_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(
     os.kill(int(workers.stdout.split()[-1]), signal.SIGINT)  # the second process only
     output = p.communicate(timeout=300)[0]
     assert output.count("interrupted at step") == 1
-    (checkpoint,) = runs.list_checkpoints(tmp_path)
+    (checkpoint,) = checkpoints.list_checkpoints(tmp_path)
     stopped_at = int(checkpoint.name.split("-")[1])
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, stopped_at + 1))
     assert stopped_at < 100
