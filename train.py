@@ -412,8 +412,9 @@ def setup(cfg, procs):
     if procs.world > 1:  # each process samples its own completions
         torch.manual_seed(cfg.seed + 1_000 * procs.rank)
     if checkpoint:
-        run.start_step = checkpoints.restore(*checkpoint[:2], run.model, run.optimizer, run.scheduler,
-                                      run.sampler, procs.rank, procs.world, cfg.seed)
+        run.start_step = checkpoints.restore(*checkpoint[:2], run.model, run.optimizer,
+                                             run.scheduler, run.sampler, procs.rank, procs.world,
+                                             cfg.seed)
         run.counters.update(checkpoint[1]["counters"])
     for log in ("metrics.jsonl", "samples.jsonl") if procs.main else ():
         runs.truncate_log(run.out / log, run.start_step)
@@ -450,8 +451,8 @@ def evaluate_and_save(run, cfg, procs, row, scored, stopping):
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "schedule": run.schedule, "rng": rng, "sampler": run.sampler.state_dict(),
              "counters": run.counters}
-    return procs.main and checkpoints.save_checkpoint(run.out, step, run.model, state, run.record(cfg),
-                                               cfg.save_total_limit)
+    return procs.main and checkpoints.save_checkpoint(run.out, step, run.model, state,
+                                                      run.record(cfg), cfg.save_total_limit)
 
 
 def train(cfg):

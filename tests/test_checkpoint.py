@@ -98,7 +98,8 @@ def test_interrupted_checkpoint_writes_are_ignored(tmp_path):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.pt").write_bytes(b"x")
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == \
+        ["checkpoint-2", "checkpoint-10"]
 
 
 def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
@@ -114,7 +115,8 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     state = {"optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()}
     for step in (1, 2, 3):
         checkpoints.save_checkpoint(tmp_path, step, model, state, {}, cfg.save_total_limit)
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == \
+        ["checkpoint-2", "checkpoint-3"]
     assert not list(tmp_path.glob(".tmp-*"))
     assert (tmp_path / "checkpoint-3" / "adapter_model.safetensors").is_file()
     # killed once trainer_state.pt is written, before config.json: nothing complete-looking
@@ -128,7 +130,8 @@ def test_save_total_limit_and_atomic_write(tmp_path, tiny_model_dir):
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(torch, "save", killed_after)
         checkpoints.save_checkpoint(tmp_path, 4, model, state, {}, cfg.save_total_limit)
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == \
+        ["checkpoint-2", "checkpoint-3"]
     assert not (tmp_path / "checkpoint-4").exists()
     assert {p: p.read_bytes() for p in before} == before  # the kept checkpoints as they were
 
@@ -142,7 +145,8 @@ def test_save_total_limit_never_deletes_the_checkpoint_just_written(tmp_path, ti
     (tmp_path / "checkpoint-9" / "trainer_state.pt").write_bytes(b"")  # torn
     for step in (3, 4):
         checkpoints.save_checkpoint(tmp_path, step, model, {}, {}, keep=1)
-    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-9"]
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == \
+        ["checkpoint-4", "checkpoint-9"]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -284,7 +288,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_loses_nothing(
         calls.append(path)
         if len(calls) == 2:
             Path(path).write_bytes(b"PK torn")  # the file as far as it got
-            listed.extend(p.name for p in checkpoints.list_checkpoints(out))  # a kill now resumes here
+            # a kill now resumes here
+            listed.extend(p.name for p in checkpoints.list_checkpoints(out))
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
         return real(obj, path, *args, **kwargs)
 
