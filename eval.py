@@ -179,6 +179,21 @@ def check_fit(cfg, config):
         raise UserError(f"--adapter {cfg.adapter}: {e}") from e
 
 
+def prompt_as_trained(cfg):
+    """--prompt_format auto with an adapter of a run that set it (r1 or chat): that format, as
+    the adapter learned to answer it; another one given: said once."""
+    trained = cfg.adapter and adapters.trained_with(cfg.adapter, "prompt_format")
+    if trained not in ("r1", "chat") or trained == cfg.prompt_format:
+        return
+    if cfg.prompt_format == "auto":
+        cfg.prompt_format = trained
+        print(f"note: prompting as the adapter was trained: --prompt_format {trained} (its "
+              "run's config.json)", flush=True)
+    else:
+        print(f"note: the adapter was trained with --prompt_format {trained}; evaluating with "
+              f"--prompt_format {cfg.prompt_format}, as asked", flush=True)
+
+
 def evaluate(cfg):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.compile_decode is None:  # on where it pays: CUDA graphs
@@ -193,6 +208,7 @@ def evaluate(cfg):
         config = model.load_config(cfg.model)
         check_fit(cfg, config)
         processor = model.load_processor(cfg.model)
+        prompt_as_trained(cfg)
         view = data.model_view(config, processor, cfg.prompt_format, cfg.min_pixels,
                                cfg.max_pixels)
         record = provenance(cfg, view, content)

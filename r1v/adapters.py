@@ -100,3 +100,13 @@ def find_renamed(name, names):
     tail = name.split(".", 1)[-1]
     found = [n for n in names if n.endswith(f".{name}") or n.endswith(f".{tail}")]
     return found[0] if len(found) == 1 else None
+
+
+def trained_with(folder, key):
+    """The setting `key` of the run that wrote the checkpoint `folder` (its config.json), or
+    None: an adapter from elsewhere has none."""
+    try:
+        saved = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get(key) if isinstance(saved, dict) else None

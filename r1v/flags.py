@@ -23,7 +23,8 @@ class ModelFlags:
                            "Qwen3-VL's 32-pixel tokens: 392)", min=1)
     prompt_format: str = flag("auto", "r1: the paper's base-model prompt; chat: the checkpoint's "
                               "chat template; auto: chat for Qwen2.5-VL and Qwen3-VL (Instruct "
-                              "and Thinking checkpoints), r1 for Qwen2-VL",
+                              "and Thinking checkpoints), r1 for Qwen2-VL (eval.py with a run's "
+                              "--adapter: the format it was trained with)",
                               choices=PROMPT_FORMATS)
     load_in_4bit: bool = flag(False, "QLoRA: the language model in 4-bit NF4")
 

@@ -386,3 +386,30 @@ def test_another_familys_adapter_of_the_same_shapes_is_refused(tmp_path, tiny_mo
                          "synthetic", "--limit", "2", "--max_new_tokens", "2", "--output_dir",
                          str(tmp_path / "e")])
     assert not (tmp_path / "e" / "predictions.jsonl").exists()
+
+
+def test_an_adapter_is_prompted_as_its_run_was_trained(tmp_path, tiny_qwen3_dir, capsys):
+    """A Qwen3-VL run trained with --prompt_format r1 (not its family's chat default): eval.py's
+    auto prompts its adapter with r1, as it learned to answer, and says so; a format given
+    explicitly is used as asked, with a note."""
+    import data
+    from r1v import model as models
+
+    adapter = a_moved_adapter(tiny_qwen3_dir, tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "config.json").write_text(json.dumps(
+        {"objective": "grpo", "prompt_format": "r1"}))
+    argv = ["--model", tiny_qwen3_dir, "--adapter", adapter, "--dataset", "synthetic",
+            "--limit", "2", "--max_new_tokens", "2"]
+    views = {f: data.model_view(models.load_config(tiny_qwen3_dir),
+                                models.load_processor(tiny_qwen3_dir), f, 3136, 401408).template
+             for f in ("r1", "chat")}
+    assert views["r1"] != views["chat"]
+    for given, used, said in (([], "r1", "note: prompting as the adapter was trained: "
+                                         "--prompt_format r1"),
+                              (["--prompt_format", "chat"], "chat",
+                               "note: the adapter was trained with --prompt_format r1; "
+                               "evaluating with --prompt_format chat, as asked")):
+        out = tmp_path / f"e-{used}"
+        evaluation.main([*argv, *given, "--output_dir", str(out)])
+        assert said in capsys.readouterr().out
+        assert json.loads((out / "eval_config.json").read_text())["prompt"] == views[used]
