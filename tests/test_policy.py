@@ -16,6 +16,7 @@ import grpo
 import train
 from r1v import metrics, policy, processes
 from r1v import model as models
+from tests.vlm import count_vision_calls, plain_completions
 
 PROCS = processes.Processes(None)  # this one process
 
@@ -248,12 +249,6 @@ def test_prompts_are_encoded_once_and_repeated_as_the_processor_would(tiny_model
     assert images[0] is images[1] is images[2] and images[2] is not images[3]
 
 
-def count_vision_calls(model):
-    calls = []
-    visual = model.get_base_model().model.visual
-    return calls, visual.register_forward_hook(lambda module, args, out: calls.append(1))
-
-
 def test_greedy_generation_equals_the_repeated_image_path(rollout):
     cfg, model, processor, batch, texts, examples = rollout
     greedy = policy.generation_config(processor, max_new_tokens=8, greedy=True)
@@ -261,13 +256,8 @@ def test_greedy_generation_equals_the_repeated_image_path(rollout):
     ours, _ = policy.generate(model, processor, examples, greedy, group_size=2)
     hook.remove()
     assert len(calls) == 1  # every image of the batch in one call, each once
-    enc = processor(text=[ex["prompt"] for ex in examples for _ in range(2)],
-                    images=[ex["image"] for ex in examples for _ in range(2)],
-                    padding=True, padding_side="left", return_tensors="pt")
-    model.eval()  # as policy.generate does: gradient checkpointing would turn the cache off
-    with torch.no_grad():
-        plain = model.generate(**enc, generation_config=greedy)  # each image once per sequence
-    assert torch.equal(ours.completion_ids, plain[:, enc["input_ids"].shape[1]:])
+    assert torch.equal(ours.completion_ids,  # each image once per sequence there
+                       plain_completions(model, processor, examples, 2, greedy))
 
 
 def test_the_static_cache_generates_what_the_dynamic_one_does(rollout):

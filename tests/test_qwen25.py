@@ -12,7 +12,7 @@ import grpo
 from r1v import model as models
 from r1v import policy, tiny
 from r1v.cli import UserError
-from tests.vlm import chat_examples, randomise_lora
+from tests.vlm import chat_examples, fixed_rollout, randomise_lora
 
 CPU = torch.device("cpu")
 
@@ -77,15 +77,6 @@ def generate(model, processor, examples, gen, group_size):
     batch.completion_mask = grpo.completion_mask(batch.completion_ids,
                                                  models.special_tokens(processor).eos)
     return batch, texts
-
-
-def fixed_rollout(processor, examples):
-    """A Rollout of the examples with fixed completions (no generation needed)."""
-    enc = policy.encode_prompts(processor, examples, 1)
-    completion_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(["red", "blue"])]
-                                  * len(examples))                             # (N, C)
-    return policy.Rollout.from_encoding(enc, completion_ids, torch.ones_like(completion_ids),
-                                        models.special_tokens(processor).vision_start)
 
 
 def test_disable_adapter_gives_exactly_the_base_logits(lora_model, qwen25_dir):

@@ -18,7 +18,8 @@ import train
 from r1v import model as models
 from r1v import images, policy, tiny
 from tests.conftest import ROOT
-from tests.vlm import chat_examples, randomise_lora
+from tests.vlm import (chat_examples, count_vision_calls, fixed_rollout, plain_completions,
+                       randomise_lora)
 
 CPU = torch.device("cpu")
 
@@ -75,15 +76,6 @@ def test_lora_is_on_the_language_model_only(qwen3_dir):
     assert all("lora_" in n or ".visual." in n for n in trained)
 
 
-def fixed_rollout(processor, examples):
-    """A Rollout of the examples with fixed completions (no generation needed)."""
-    enc = policy.encode_prompts(processor, examples, 1)
-    completion_ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(["red", "blue"])]
-                                  * len(examples))                             # (N, C)
-    return policy.Rollout.from_encoding(enc, completion_ids, torch.ones_like(completion_ids),
-                                        models.special_tokens(processor).vision_start)
-
-
 def plain_logps(model, batch):
     """Log-probs of the completions from the model's own forward on pixels (N, C)."""
     with torch.no_grad():
@@ -129,20 +121,14 @@ def test_greedy_generation_equals_the_plain_generate(lora_model, prefill_chunk_s
     examples = chat_examples(processor, [(64, 64), (128, 96)])
     greedy = policy.generation_config(processor, max_new_tokens=6, greedy=True,
                                       prefill_chunk_size=prefill_chunk_size)
-    calls = []
-    hook = models.base_of(model).model.visual.register_forward_hook(
-        lambda *args: calls.append(1))
+    calls, hook = count_vision_calls(model)
     ours, _ = policy.generate(model, processor, examples, greedy, group_size=2)
     hook.remove()
     assert len(calls) == 1  # every image of the batch in one call, each once
-    enc = processor(text=[ex["prompt"] for ex in examples for _ in range(2)],
-                    images=[ex["image"] for ex in examples for _ in range(2)],
-                    padding=True, padding_side="left", return_tensors="pt")
     plain_config = policy.generation_config(processor, max_new_tokens=6, greedy=True,
                                             prefill_chunk_size=0)
-    with torch.no_grad():
-        plain = model.generate(**enc, generation_config=plain_config)  # images as pixels
-    assert torch.equal(ours.completion_ids, plain[:, enc["input_ids"].shape[1]:])
+    assert torch.equal(ours.completion_ids,
+                       plain_completions(model, processor, examples, 2, plain_config))
 
 
 def test_micro_batches_give_the_full_batch_logps(lora_model):
